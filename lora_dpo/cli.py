@@ -1,0 +1,120 @@
+"""``lora-dpo`` command line: ``train``, ``validate``, ``demo``.
+
+    lora-dpo train RECIPE [section.key=value ...]
+    lora-dpo validate RECIPE [section.key=value ...]
+    lora-dpo demo [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+
+EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cmd_validate(args) -> int:
+    """Check the recipe, the model folder/id and the data set without loading weights or training."""
+    from lora_dpo.config import load_config
+    from lora_dpo.data import load_preference_dataset
+    from lora_dpo.models import detect_family, read_model_index
+
+    cfg = load_config(args.recipe, args.overrides)
+    family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    _, report = load_preference_dataset(cfg.data)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    print(f"recipe OK: {args.recipe}")
+    print(f"  model: {cfg.model.pretrained_model_name_or_path} ({family})")
+    print(f"  data:  {cfg.data.dataset}: {json.dumps(report)}")
+    print(f"  effective batch: {cfg.train.batch_size} pairs × {cfg.train.gradient_accumulation_steps} accumulation × "
+          f"{world} processes = {cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world} pairs per step")
+    print(f"  run folder: {cfg.run_dir}")
+    return 0
+
+
+def _run_training(cfg) -> int:
+    from lora_dpo.train import train
+
+    result = train(cfg)
+    if result.interrupted:
+        print(f"interrupted by {result.interrupted} at step {result.step}; checkpoint saved in "
+              f"{result.run_dir / 'checkpoints'}; continue with train.resume_from=latest")
+        return EXIT_SIGNAL.get(result.interrupted, 1)
+    shown = {k: round(result.final_metrics[k], 4) for k in ("loss", "rewards/accuracies", "rewards/margins")
+             if k in result.final_metrics}
+    print(f"done: {result.step} steps, final {json.dumps(shown)}")
+    print(f"adapter: {result.adapter_path}  (pipe.load_lora_weights('{result.run_dir}'))")
+    print(f"metrics: {result.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {result.run_dir / 'logs'})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from lora_dpo.config import load_config
+
+    return _run_training(load_config(args.recipe, args.overrides))
+
+
+def cmd_demo(args) -> int:
+    """Build the offline demo assets (tiny pipeline, photo preference pairs) if missing, then train on them."""
+    from lora_dpo.config import load_config
+    from lora_dpo.demo import DEMO_RECIPE, ensure_demo_assets
+
+    ensure_demo_assets()
+    return _run_training(load_config(DEMO_RECIPE, args.overrides))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-dpo", description="Diffusion-DPO with LoRA for SD1.5 and SDXL")
+    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn, text in (
+        ("train", cmd_train, "train a recipe"),
+        ("validate", cmd_validate, "check a recipe, its model and its data without training"),
+    ):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("recipe", help="recipe YAML, e.g. recipes/sd15/lora_dpo.yaml")
+        p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+        p.set_defaults(fn=fn)
+    p = sub.add_parser("demo", help="offline demo: tiny SD1.5-style pipeline, real-photo preference pairs")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.set_defaults(fn=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lora_dpo.config import ConfigError
+    from lora_dpo.models import ModelLoadError
+
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return args.fn(args)
+    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError, ImportError) as exc:
+        if args.traceback:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except Exception as exc:
+        from lora_dpo.train import TrainingDiverged
+
+        if isinstance(exc, TrainingDiverged) and not args.traceback:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_DIVERGED
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

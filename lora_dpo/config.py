@@ -1,0 +1,262 @@
+"""The typed recipe config: YAML recipe + ``key=value`` overrides -> a validated :class:`RecipeConfig`.
+
+A recipe is a diff against the defaults below. Every section forbids unknown keys; errors name the key
+(``optim.lr``) and, for a typo, the nearest valid key or value. Nothing here touches model weights, so
+``lora-dpo validate`` and ``lora-dpo train`` fail within a second on a bad recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A recipe or override is invalid. The message names the key and says what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """Which base pipeline to align. SD1.5 and SDXL are told apart from the folder (see ``models.py``)."""
+
+    pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    variant: str | None = None
+    # Overrides the scheduler config's prediction type; None keeps the model's own.
+    prediction_type: Literal["epsilon", "v_prediction"] | None = None
+    # dtype of the frozen VAE; "auto" = the weight dtype, except fp32 for SDXL under fp16 (its VAE overflows).
+    vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+
+
+class LoraConfig(_Section):
+    """PEFT ``LoraConfig`` fields (names as in PEFT). ``lora_dropout`` stays 0: dropout makes the policy
+    differ from the disabled-adapter reference at step 0 (DESIGN.md §2)."""
+
+    r: int = Field(8, gt=0)
+    lora_alpha: float = Field(8.0, gt=0)
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+
+
+class DataConfig(_Section):
+    """Preference pairs in the Pick-a-Pic schema (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``)."""
+
+    dataset: str = "yuvalkirstain/pickapic_v2"
+    split: str = "train"
+    caption_column: str = "caption"
+    image_columns: tuple[str, str] = ("jpg_0", "jpg_1")
+    label_column: str = "label_0"
+    resolution: int = Field(512, gt=0)
+    random_crop: bool = False
+    random_flip: bool = True
+    # Probability of training a pair on the empty caption (shared by both images of the pair).
+    caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Ties (label_0 == 0.5) carry no preference; the only supported handling is dropping them.
+    drop_ties: bool = True
+    max_pairs: int | None = Field(None, gt=0)
+    num_workers: int = Field(0, ge=0)
+    cache_dir: str | None = None
+
+
+class LossConfig(_Section):
+    """Diffusion-DPO loss, ``u = -0.5·β·[(e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l))]`` (DESIGN.md §1).
+
+    β follows the official code's convention (errors averaged over C,H,W; factor 0.5): 5000. The diffusers
+    research script's β=2500 without the 0.5 is the same loss."""
+
+    type: Literal["sigmoid"] = "sigmoid"
+    beta: float = Field(5000.0, gt=0)
+
+
+class OptimConfig(_Section):
+    name: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    lr: float = Field(1e-5, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant_with_warmup"
+    lr_warmup_steps: int = Field(0, ge=0)
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(2000, gt=0)
+    # Pairs per device per micro-step; effective batch = batch_size × gradient_accumulation_steps × processes.
+    batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = Field(500, gt=0)
+    # Number of checkpoints kept in output.dir/checkpoints (oldest deleted first); None keeps all.
+    checkpoints_total_limit: int | None = Field(3, gt=0)
+    # "latest" (the newest checkpoint of output.dir) or a path to a checkpoints/step_N folder.
+    resume_from: str | None = None
+    log_every: int = Field(1, gt=0)
+    allow_tf32: bool = True
+
+
+class OutputConfig(_Section):
+    # Run folder; None = adapters/<run_name>.
+    dir: str | None = None
+    run_name: str = "lora-dpo"
+    # Starting a fresh run in a folder that holds checkpoints needs this (or train.resume_from).
+    overwrite: bool = False
+    tensorboard: bool = True
+
+
+class RecipeConfig(_Section):
+    """The whole recipe. Section names match the YAML and the ``section.key=value`` overrides."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _cross_field_checks(self) -> RecipeConfig:
+        if self.data.resolution % 8:
+            raise ValueError(
+                f"data.resolution={self.data.resolution} must be a multiple of 8 (the VAE downsamples by 8); "
+                f"try data.resolution={max(8, round(self.data.resolution / 8) * 8)}"
+            )
+        if self.optim.lr_warmup_steps > self.train.max_steps:
+            raise ValueError(
+                f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} exceeds train.max_steps="
+                f"{self.train.max_steps}: the run would end before reaching optim.lr"
+            )
+        if self.optim.lr_warmup_steps and self.optim.lr_scheduler == "constant":
+            raise ValueError(
+                "optim.lr_warmup_steps is set but optim.lr_scheduler=constant ignores it; "
+                "use optim.lr_scheduler=constant_with_warmup"
+            )
+        if self.optim.name == "adamw8bit" and self.train.mixed_precision == "fp16":
+            pass  # supported: bitsandbytes keeps its state in 8 bit, parameters stay fp32
+        if self.train.resume_from is not None and self.output.overwrite:
+            raise ValueError("train.resume_from and output.overwrite=true contradict each other: choose one")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder: ``output.dir`` or ``adapters/<output.run_name>``."""
+        return Path(self.output.dir) if self.output.dir else Path("adapters") / self.output.run_name
+
+    def to_yaml(self) -> str:
+        """The resolved recipe, every key spelled out, as YAML that :func:`load_config` reads back."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _fields_at(path: tuple[str, ...]) -> list[str]:
+    """Valid keys at a dotted location, for did-you-mean suggestions."""
+    model: type[BaseModel] = RecipeConfig
+    for part in path:
+        field = model.model_fields.get(part)
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(choices)}" if choices else "")
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid recipe ({source}):"]
+    for e in err.errors():
+        loc = tuple(str(p) for p in e["loc"])
+        key = ".".join(loc) or "<root>"
+        if e["type"] == "extra_forbidden":
+            hint = _suggest(loc[-1], _fields_at(loc[:-1]))
+            lines.append(f"  - unknown key '{key}'{hint}")
+        elif e["type"] == "literal_error":
+            expected = e.get("ctx", {}).get("expected", "")
+            choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip(" '")]
+            hint = _suggest(str(e.get("input")), choices) if choices else ""
+            lines.append(f"  - {key}={e.get('input')!r}: must be one of {expected}{hint}")
+        elif e["type"] == "value_error":
+            lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
+        else:
+            lines.append(f"  - {key}={e.get('input')!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Parse one ``section.key=value`` override; the value is read as YAML (``1e-5``, ``true``, ``[a, b]``).
+
+    Raises:
+        ConfigError: the item has no ``=`` or no dotted key.
+    """
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.max_steps=100)")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        sections = list(RecipeConfig.model_fields)
+        raise ConfigError(
+            f"override key '{key}' must name a section and a key, e.g. train.{key or 'max_steps'}=...; "
+            f"sections: {', '.join(sections)}"
+        )
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; let pydantic coerce numbers
+        value = raw.strip()
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set each ``a.b=value`` override into the nested dict ``data`` (in place) and return it."""
+    for item in overrides:
+        parts, value = parse_override(item)
+        node = data
+        for part in parts[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override '{item}': '{part}' is a value, not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Read a recipe YAML (or only the defaults when ``recipe`` is None), apply overrides, validate.
+
+    Raises:
+        ConfigError: missing file, YAML syntax error, unknown key (with the nearest valid one), wrong type or
+            value, or an impossible combination. Raised before anything loads model weights.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe '{recipe}' not found; recipes ship under recipes/ (e.g. recipes/sd15/lora_dpo.yaml)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"recipe '{recipe}' is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"recipe '{recipe}' must be a mapping of sections (model:, lora:, data:, ...)")
+        source = str(recipe)
+    apply_overrides(data, list(overrides))
+    if overrides:
+        source += " + overrides"
+    try:
+        return RecipeConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None

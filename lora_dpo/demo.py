@@ -1,0 +1,111 @@
+"""The offline demo: a tiny SD1.5-style pipeline and preference pairs made from real photographs.
+
+No hub access is needed. The photographs are the ones that ship inside scikit-image (``skimage/data``) and
+scikit-learn (``sklearn/datasets/images``). Each pair shows the same crop of one photograph twice: clean (the
+preferred image) and degraded by blur, noise or heavy JPEG compression (the rejected one), in random order, so
+``label_0`` is 1 or 0; about one pair in ten is a tie (two equally degraded copies, ``label_0 = 0.5``) to show
+the tie handling. The base pipeline has random weights: the demo shows the kit running end to end (loss,
+implicit-reward accuracy, checkpoints, an adapter diffusers loads), not image quality.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFilter
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path(".demo")
+DEMO_MODEL = DEMO_DIR / "tiny-sd15"
+DEMO_DATA = DEMO_DIR / "photo_pairs.parquet"
+DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "lora_dpo.yaml"
+
+# (file, caption); files from skimage/data unless marked sklearn.
+PHOTOS = [
+    ("astronaut.png", "a photo of an astronaut"), ("chelsea.png", "a photo of a cat"),
+    ("coffee.png", "a cup of coffee"), ("rocket.jpg", "a rocket on a launch pad"),
+    ("hubble_deep_field.jpg", "galaxies in deep space"), ("motorcycle_left.png", "a motorcycle"),
+    ("retina.jpg", "a photo of a retina"), ("camera.png", "a man with a camera"), ("coins.png", "old coins"),
+    ("moon.png", "the surface of the moon"), ("grass.png", "grass"), ("brick.png", "a brick wall"),
+    ("sklearn:china.jpg", "a chinese temple"), ("sklearn:flower.jpg", "a flower"),
+]
+
+
+def _photo_path(name: str) -> Path:
+    if name.startswith("sklearn:"):
+        import sklearn.datasets
+
+        return Path(sklearn.datasets.__file__).parent / "images" / name.split(":", 1)[1]
+    import skimage.data
+
+    return Path(skimage.data.__file__).parent / name
+
+
+def _jpeg(img: Image.Image, quality: int = 95) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    kind = rng.integers(3)
+    if kind == 0:
+        return img.filter(ImageFilter.GaussianBlur(radius=float(rng.uniform(2.0, 4.0))))
+    if kind == 1:
+        arr = np.asarray(img, dtype=np.float32)
+        arr = arr + rng.normal(0, rng.uniform(30, 60), arr.shape)
+        return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return Image.open(io.BytesIO(_jpeg(img, quality=int(rng.integers(2, 6)))))
+
+
+def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 64, tie_rate: float = 0.1,
+                      seed: int = 0) -> Path:
+    """Write a Pick-a-Pic-schema parquet (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``) of photo pairs.
+
+    Args:
+        pairs_per_photo: random square crops per photograph (each crop gives one pair).
+        size: side of the stored JPEGs in pixels (the recipe's ``data.resolution`` may be smaller).
+        tie_rate: fraction of pairs stored as ties (``label_0 = 0.5``), which training drops.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
+    for name, caption in PHOTOS:
+        photo = Image.open(_photo_path(name)).convert("RGB")
+        w, h = photo.size
+        for _ in range(pairs_per_photo):
+            side = int(min(w, h) * rng.uniform(0.5, 1.0))
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            crop = photo.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+            if rng.random() < tie_rate:
+                first, second, label = _degrade(crop, rng), _degrade(crop, rng), 0.5
+            elif rng.random() < 0.5:
+                first, second, label = crop, _degrade(crop, rng), 1.0
+            else:
+                first, second, label = _degrade(crop, rng), crop, 0.0
+            rows["caption"].append(caption)
+            rows["jpg_0"].append(_jpeg(first))
+            rows["jpg_1"].append(_jpeg(second))
+            rows["label_0"].append(label)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+def ensure_demo_assets(model_dir: Path = DEMO_MODEL, data_path: Path = DEMO_DATA) -> None:
+    """Build the tiny pipeline and the photo pairs once (a few seconds); reuse them afterwards."""
+    from lora_dpo.tiny import save_tiny_pipeline
+
+    if not (model_dir / "model_index.json").is_file():
+        log.info("building the demo's tiny SD1.5-style pipeline in %s", model_dir)
+        save_tiny_pipeline(model_dir, "sd15", seed=0)
+    if not data_path.is_file():
+        log.info("building the demo's photo preference pairs in %s", data_path)
+        build_photo_pairs(data_path)

@@ -1,0 +1,84 @@
+"""The exported adapter: ``pytorch_lora_weights.safetensors`` in the diffusers format, with the LoRA metadata
+(``r``, ``lora_alpha``, ``target_modules``) that ``pipe.load_lora_weights`` reads, and a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo.adapters import ADAPTER_NAME
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def pipeline_class(family: str):
+    """The diffusers pipeline class whose ``save_lora_weights``/``load_lora_weights`` fit the family."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str) -> Path:
+    """Write the UNet's ``default`` adapter as ``<save_dir>/pytorch_lora_weights.safetensors``.
+
+    Keys are in the diffusers layout (``unet.<module>.lora_A.weight``); the safetensors header carries the
+    PEFT ``LoraConfig`` (rank, alpha, target modules), so loaders do not fall back to alpha = r.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    layers = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    pipeline_class(family).save_lora_weights(
+        save_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME,
+        safe_serialization=True,
+    )
+    return save_dir / WEIGHT_NAME
+
+
+def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
+    """A Hugging Face style ``README.md`` for the run folder: base model, data, recipe, final metrics, how to load."""
+    base = cfg.model.pretrained_model_name_or_path
+    cls = pipeline_class(family).__name__
+    shown = {k: final_metrics[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final_metrics}
+    text = f"""---
+base_model: {base}
+library_name: diffusers
+license: other
+tags:
+- lora
+- diffusion-dpo
+- text-to-image
+- {"stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"}
+---
+
+# {cfg.output.run_name}
+
+A LoRA adapter (rank {cfg.lora.r}, alpha {cfg.lora.lora_alpha}) for `{base}`, trained with Diffusion-DPO
+(Wallace et al., CVPR 2024) by lora-dpo.
+
+- Data: `{cfg.data.dataset}` (split `{cfg.data.split}`), {data_report.get("kept", "?")} pairs kept of
+  {data_report.get("rows", "?")}; skipped: {json.dumps(data_report.get("skipped", {}))}
+- Loss: `{cfg.loss.type}`, β = {cfg.loss.beta}; {cfg.train.max_steps} steps, {cfg.train.batch_size} pairs per device
+  × {cfg.train.gradient_accumulation_steps} accumulation; optimizer `{cfg.optim.name}`, lr {cfg.optim.lr}
+- Final metrics: `{json.dumps(shown)}`
+- Full recipe: `recipe.yaml`; per-step metrics: `metrics.jsonl`
+
+## Use
+
+```python
+from diffusers import {cls}
+pipe = {cls}.from_pretrained("{base}")
+pipe.load_lora_weights("path/to/this/folder")
+image = pipe("a photo of a cat").images[0]
+```
+"""
+    path = Path(run_dir) / "README.md"
+    path.write_text(text)
+    return path

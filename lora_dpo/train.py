@@ -1,0 +1,361 @@
+"""The LoRA Diffusion-DPO recipe: setup in a commented order, then one explicit loop, top to bottom.
+
+Policy = base UNet + trainable LoRA; reference = the same UNet with the adapter disabled (DESIGN.md §1, §3).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import resource
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo import checkpoint as ckpt
+from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
+from lora_dpo.config import ConfigError, RecipeConfig
+from lora_dpo.data import build_dataloader, load_preference_dataset
+from lora_dpo.export import save_lora_adapter, write_model_card
+from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse
+from lora_dpo.models import (
+    DTYPES, Components, encode_images, encode_prompts, load_components, read_model_index, training_target,
+    unet_conditioning,
+)
+from lora_dpo.optim import build_lr_scheduler, build_optimizer
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf; the run stopped and its last good checkpoint is kept."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    final_metrics: dict[str, float] = field(default_factory=dict)
+    interrupted: str | None = None  # "SIGINT"/"SIGTERM" when stopped by a signal (a checkpoint was saved)
+    adapter_path: Path | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Helpers the loop calls
+
+
+class PairStream:
+    """Endless micro-batches of pairs for one process, epoch after epoch, with a resumable position.
+
+    The position is ``(epoch, batch_in_epoch)``: how many micro-batches of the current epoch were consumed.
+    Rows whose images fail to decode are dropped from their batch and counted (``skipped``); an all-bad batch
+    is skipped whole.
+    """
+
+    def __init__(self, dataset, data_cfg, batch_size: int, seed: int, num_replicas: int, rank: int,
+                 epoch: int = 0, batch_in_epoch: int = 0):
+        self.dataset, self.data_cfg, self.batch_size, self.seed = dataset, data_cfg, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.skipped: dict[str, int] = {}
+        self._iter = None
+
+    def _open(self):
+        loader = build_dataloader(
+            self.dataset, self.data_cfg, self.batch_size, self.seed, num_replicas=self.num_replicas,
+            rank=self.rank, epoch=self.epoch, start_batch=self.batch_in_epoch,
+        )
+        self._iter = iter(loader)
+
+    def next(self):
+        while True:
+            if self._iter is None:
+                self._open()
+            batch = next(self._iter, None)
+            if batch is None:  # epoch exhausted
+                self.epoch, self.batch_in_epoch, self._iter = self.epoch + 1, 0, None
+                continue
+            self.batch_in_epoch += 1
+            for reason, n in (batch.skipped or {}).items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            if batch.num_pairs > 0:
+                return batch
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped_in_training": self.skipped}
+
+
+def dpo_micro_step(components: Components, unet, base_unet, batch, generator: torch.Generator, beta: float,
+                   accelerator, weight_dtype: torch.dtype):
+    """Policy and reference errors for one micro-batch of ``B`` pairs, and the DPO loss per pair.
+
+    One timestep and one noise draw per pair, shared by its two images (DESIGN.md §1 step 2). The reference pass
+    runs first, under ``no_grad`` with the adapter disabled; the policy pass (with grad) follows, so the adapter is
+    enabled again before ``backward()`` re-runs checkpointed segments.
+
+    Returns:
+        ``(loss (B,), metrics dict of (B,) tensors)`` from :func:`lora_dpo.losses.diffusion_dpo_loss`.
+    """
+    device = accelerator.device
+    batch = batch.to(device)
+    num_pairs = batch.num_pairs
+    latents = encode_images(components, batch.pixel_values, generator)  # (2B, 4, h, w), preferred first
+    gen_device = generator.device
+    noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=gen_device).to(device)
+    timesteps = torch.randint(
+        0, components.noise_scheduler.config.num_train_timesteps, (num_pairs,), generator=generator, device=gen_device
+    ).to(device)
+    noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    noisy = components.noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
+    target = training_target(components, latents, noise, timesteps)
+    cond = unet_conditioning(components, encode_prompts(components, batch.captions), batch, weight_dtype)
+
+    with torch.no_grad(), adapters_disabled(base_unet), accelerator.autocast():
+        ref_pred = base_unet(noisy, timesteps, **cond).sample
+    with accelerator.autocast():
+        pred = unet(noisy, timesteps, **cond).sample
+    return diffusion_dpo_loss(per_sample_mse(pred, target), per_sample_mse(ref_pred, target), beta)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """CUDA max allocated on a GPU, peak resident set size of this process on the CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+class _StopSignal:
+    """Turns the first SIGINT/SIGTERM into a flag the loop checks after each step; a second one aborts."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        log.warning("%s received: finishing this step, saving a checkpoint, then exiting", self.received)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+def _prepare_run_dir(cfg: RecipeConfig, run_dir: Path) -> None:
+    """Refuse to overwrite an earlier run's checkpoints unless asked (no training state is ever lost silently)."""
+    if cfg.train.resume_from is None and ckpt.list_checkpoints(run_dir):
+        if not cfg.output.overwrite:
+            raise ConfigError(
+                f"{run_dir} already holds checkpoints of an earlier run. Continue it with train.resume_from=latest, "
+                "pick another output.dir / output.run_name, or pass output.overwrite=true to start over."
+            )
+        shutil.rmtree(run_dir / ckpt.CHECKPOINTS)
+        for name in (METRICS_FILE, "logs"):
+            target = run_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop logged steps later than the checkpoint: they are trained again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The recipe
+
+
+def train(cfg: RecipeConfig) -> TrainResult:
+    """Run LoRA Diffusion-DPO as the recipe says; returns where the adapter went and the final metrics.
+
+    Raises:
+        ConfigError / FileNotFoundError / ValueError / ModelLoadError: bad input, before any weight loads.
+        TrainingDiverged: the loss became NaN/Inf (the last good checkpoint is kept).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    run_dir = cfg.run_dir
+    # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
+    read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+    dataset, data_report = load_preference_dataset(cfg.data)
+    resume_path = ckpt.resolve_resume(cfg.train.resume_from, run_dir) if cfg.train.resume_from else None
+
+    # 2. Accelerator: mixed precision and processes. Each process gets its own seed (DESIGN.md §2).
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if len(dataset) < cfg.train.batch_size * world:
+        raise ValueError(
+            f"{len(dataset)} pairs remain after filtering, fewer than train.batch_size × processes = "
+            f"{cfg.train.batch_size * world}; lower train.batch_size or add data"
+        )
+    if accelerator.is_main_process:
+        _prepare_run_dir(cfg, run_dir)
+        (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
+        (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed + rank)
+    generator = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + 1_000_003 * rank)
+    if accelerator.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
+
+    # 3. Models: frozen components in the weight dtype; the policy's LoRA in fp32.
+    weight_dtype = DTYPES[cfg.train.mixed_precision]
+    components = load_components(cfg.model, weight_dtype, accelerator.device)
+    params = add_lora(components.unet, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    components.unet.train()
+
+    # 4. Optimizer and schedule (one schedule step per optimizer step).
+    optimizer = build_optimizer(params, cfg.optim)
+    lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    unet, optimizer = accelerator.prepare(components.unet, optimizer)
+    base_unet = accelerator.unwrap_model(unet)
+    scaler = accelerator.scaler
+
+    # 5. Resume: weights, optimizer, schedule, RNG, data position.
+    step, data_state = 0, {"epoch": 0, "batch_in_epoch": 0}
+    if resume_path is not None:
+        weights, data_state = ckpt.load_checkpoint(
+            resume_path, optimizer=optimizer.optimizer, lr_scheduler=lr_scheduler, scaler=scaler, generator=generator
+        )
+        load_lora_state_dict(base_unet, weights)
+        step = data_state["step"]
+        log.info("resumed from %s at step %d", resume_path, step)
+    stream = PairStream(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, world, rank,
+                        data_state["epoch"], data_state["batch_in_epoch"])
+    stream.skipped = dict(data_state.get("skipped_in_training", {}))
+
+    # 6. Logging: metrics.jsonl and TensorBoard on the main process; a progress bar with ETA.
+    metrics_path = run_dir / METRICS_FILE
+    writer = None
+    if accelerator.is_main_process:
+        _truncate_metrics(metrics_path, step)
+        if cfg.output.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "logs"))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=cfg.train.max_steps, initial=step, desc="lora-dpo", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True)
+    log.info(
+        "training %s (%s) on %d pairs: %d steps × %d pairs × %d accumulation × %d processes",
+        cfg.model.pretrained_model_name_or_path, components.family, len(dataset), cfg.train.max_steps,
+        cfg.train.batch_size, cfg.train.gradient_accumulation_steps, world,
+    )
+
+    def save(at_step: int) -> Path | None:
+        path = None
+        if accelerator.is_main_process:
+            path = ckpt.save_checkpoint(
+                run_dir, at_step, weights=lora_state_dict(base_unet), optimizer=optimizer.optimizer,
+                lr_scheduler=lr_scheduler, scaler=scaler, generator=generator, trainer_state=stream.state(),
+                recipe_yaml=cfg.to_yaml(), total_limit=cfg.train.checkpoints_total_limit,
+            )
+        accelerator.wait_for_everyone()
+        return path
+
+    # 7. The loop: one iteration = one optimizer step over gradient_accumulation_steps micro-batches.
+    accum = cfg.train.gradient_accumulation_steps
+    final: dict[str, float] = {}
+    stopped: str | None = None
+    with _StopSignal() as stop:
+        while step < cfg.train.max_steps:
+            started = time.perf_counter()
+            sums: dict[str, torch.Tensor] = {}
+            pairs = 0
+            for micro in range(accum):
+                batch = stream.next()
+                sync = micro == accum - 1
+                with nullcontext() if sync else accelerator.no_sync(unet):
+                    loss, metrics = dpo_micro_step(components, unet, base_unet, batch, generator,
+                                                   cfg.loss.beta, accelerator, weight_dtype)
+                    if not torch.isfinite(loss).all():
+                        last = ckpt.list_checkpoints(run_dir)
+                        raise TrainingDiverged(
+                            f"loss is {loss.float().mean().item()} at step {step + 1}: training stopped. Last good "
+                            f"checkpoint: {last[-1] if last else 'none'}. Lower optim.lr or loss.beta, or use "
+                            "train.mixed_precision=bf16 instead of fp16."
+                        )
+                    accelerator.backward(loss.mean() / accum)
+                for name, value in {"loss": loss.detach(), **metrics}.items():
+                    sums[name] = sums.get(name, 0) + value.sum()
+                pairs += batch.num_pairs
+            grad_norm = None
+            if cfg.optim.max_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            optimizer.step()
+            if not accelerator.optimizer_step_was_skipped:
+                lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            # Metrics: means over every pair of the step, across processes.
+            totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(pairs), device=accelerator.device)]), "sum")
+            final = {name: (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
+            final.update(
+                step=step, epoch=stream.epoch, learning_rate=lr_scheduler.get_last_lr()[0],
+                pairs_per_second=totals[-1].item() / (time.perf_counter() - started),
+                peak_memory_gb=peak_memory_gb(accelerator.device),
+                **{"data/skipped_rows": sum(stream.skipped.values())},
+            )
+            if grad_norm is not None:
+                final["grad_norm"] = float(grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{final['loss']:.4f}", acc=f"{final['rewards/accuracies']:.2f}",
+                            margin=f"{final['rewards/margins']:.3g}")
+            if accelerator.is_main_process and (step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(final) + "\n")
+                if writer is not None:
+                    for name, value in final.items():
+                        if name != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                            writer.add_scalar(name, value, step)
+
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+                save(step)
+            if stop.received:
+                stopped = stop.received
+                if step % cfg.train.checkpoint_every and step != cfg.train.max_steps:
+                    save(step)
+                break
+    bar.close()
+    if writer is not None:
+        writer.close()
+
+    # 8. Export: the adapter in the diffusers format, the resolved recipe (already written), the model card.
+    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped)
+    if stopped:
+        log.warning("stopped by %s at step %d; resume with train.resume_from=latest", stopped, step)
+        return result
+    if accelerator.is_main_process:
+        data_report = {**data_report, "skipped_in_training": stream.skipped}
+        (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+        result.adapter_path = save_lora_adapter(run_dir, base_unet, components.family)
+        write_model_card(run_dir, cfg, components.family, final, data_report)
+    accelerator.wait_for_everyone()
+    return result
