@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -102,6 +102,11 @@ class TrainConfig(_Section):
     log_every: int = Field(1, gt=0)
     allow_tf32: bool = True
 
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):  # `mixed_precision: no` in YAML 1.1 is the boolean False
+        return "no" if value is False else value
+
 
 class OutputConfig(_Section):
     # Run folder; None = adapters/<run_name>.
@@ -172,9 +177,11 @@ def _fields_at(path: tuple[str, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _suggest(word: str, choices: list[str]) -> str:
+def _suggest(word: str, choices: list[str], prefix: tuple[str, ...] = ()) -> str:
     close = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else (f"; valid keys: {', '.join(choices)}" if choices else "")
+    if close:
+        return f"; did you mean '{'.'.join((*prefix, close[0]))}'?"
+    return f"; valid keys: {', '.join(choices)}" if choices else ""
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -183,18 +190,22 @@ def _format_errors(err: ValidationError, source: str) -> str:
         loc = tuple(str(p) for p in e["loc"])
         key = ".".join(loc) or "<root>"
         if e["type"] == "extra_forbidden":
-            hint = _suggest(loc[-1], _fields_at(loc[:-1]))
+            hint = _suggest(loc[-1], _fields_at(loc[:-1]), loc[:-1])
             lines.append(f"  - unknown key '{key}'{hint}")
         elif e["type"] == "literal_error":
             expected = e.get("ctx", {}).get("expected", "")
             choices = [c.strip(" '") for c in expected.replace(" or ", ",").split(",") if c.strip(" '")]
-            hint = _suggest(str(e.get("input")), choices) if choices else ""
+            close = difflib.get_close_matches(str(e.get("input")), choices, n=1, cutoff=0.5)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
             lines.append(f"  - {key}={e.get('input')!r}: must be one of {expected}{hint}")
         elif e["type"] == "value_error":
             lines.append(f"  - {e['msg'].removeprefix('Value error, ')}")
         else:
             lines.append(f"  - {key}={e.get('input')!r}: {e['msg']}")
     return "\n".join(lines)
+
+
+_YAML11_BOOLS = {"yes", "no", "on", "off", "y", "n"}
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -213,9 +224,12 @@ def parse_override(item: str) -> tuple[list[str], Any]:
             f"override key '{key}' must name a section and a key, e.g. train.{key or 'max_steps'}=...; "
             f"sections: {', '.join(sections)}"
         )
-    value = yaml.safe_load(raw) if raw.strip() else None
+    raw = raw.strip()
+    if raw.lower() in _YAML11_BOOLS:  # keep yes/no/on/off as text: pydantic reads them as bools where a bool is due
+        return parts, raw
+    value = yaml.safe_load(raw) if raw else None
     if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; let pydantic coerce numbers
-        value = raw.strip()
+        value = raw
     return parts, value
 
 

@@ -26,7 +26,13 @@ from lora_dpo.data import build_dataloader, load_preference_dataset
 from lora_dpo.export import save_lora_adapter, write_model_card
 from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse
 from lora_dpo.models import (
-    DTYPES, Components, encode_images, encode_prompts, load_components, read_model_index, training_target,
+    DTYPES,
+    Components,
+    encode_images,
+    encode_prompts,
+    load_components,
+    read_model_index,
+    training_target,
     unet_conditioning,
 )
 from lora_dpo.optim import build_lr_scheduler, build_optimizer
@@ -47,6 +53,7 @@ class TrainResult:
     final_metrics: dict[str, float] = field(default_factory=dict)
     interrupted: str | None = None  # "SIGINT"/"SIGTERM" when stopped by a signal (a checkpoint was saved)
     adapter_path: Path | None = None
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained UNet (adapter attached)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -308,6 +315,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
             grad_norm = None
             if cfg.optim.max_grad_norm is not None:
                 grad_norm = accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm)
+            lr_used = lr_scheduler.get_last_lr()[0]
             optimizer.step()
             if not accelerator.optimizer_step_was_skipped:
                 lr_scheduler.step()
@@ -318,7 +326,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
             totals = accelerator.reduce(torch.stack([*sums.values(), torch.tensor(float(pairs), device=accelerator.device)]), "sum")
             final = {name: (totals[i] / totals[-1]).item() for i, name in enumerate(sums)}
             final.update(
-                step=step, epoch=stream.epoch, learning_rate=lr_scheduler.get_last_lr()[0],
+                step=step, epoch=stream.epoch, learning_rate=lr_used,
                 pairs_per_second=totals[-1].item() / (time.perf_counter() - started),
                 peak_memory_gb=peak_memory_gb(accelerator.device),
                 **{"data/skipped_rows": sum(stream.skipped.values())},
@@ -348,7 +356,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         writer.close()
 
     # 8. Export: the adapter in the diffusers format, the resolved recipe (already written), the model card.
-    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped)
+    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped, model=base_unet)
     if stopped:
         log.warning("stopped by %s at step %d; resume with train.resume_from=latest", stopped, step)
         return result
