@@ -36,9 +36,11 @@ def run_worker(args) -> dict:
     from lora_dpo.tiny import save_tiny_pipeline
     from lora_dpo.train import dpo_micro_step, peak_memory_gb
 
-    family = ARCHES[args.arch]
+    arch = args.arch[0]
+    family = ARCHES[arch]
+    baseline = peak_memory_gb(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = save_tiny_pipeline(Path(tmp) / args.arch, family)
+        model_dir = save_tiny_pipeline(Path(tmp) / arch, family)
         cfg = load_config(None, [
             f"model.pretrained_model_name_or_path={model_dir}", f"train.mixed_precision={args.mixed_precision}",
             f"train.gradient_checkpointing={args.gradient_checkpointing}", f"optim.name={args.optim}",
@@ -76,11 +78,12 @@ def run_worker(args) -> dict:
                 times.append(time.perf_counter() - start)
         median = statistics.median(times)
         return {
-            "arch": args.arch, "mode": "lora-dpo", "pairs": n, "images_through_unet": 2 * n, "resolution": res,
+            "arch": arch, "mode": "lora-dpo", "pairs": n, "images_through_unet": 2 * n, "resolution": res,
             "mixed_precision": args.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
             "optimizer": args.optim, "device": str(accelerator.device), "threads": torch.get_num_threads(),
             "step_time_s": median, "step_time_iqr_s": _iqr(times), "pairs_per_second": n / median,
-            "peak_memory_gb": peak_memory_gb(accelerator.device), "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
+            "peak_memory_gb": peak_memory_gb(accelerator.device), "baseline_memory_gb": baseline,
+            "unet_params_m": sum(p.numel() for p in unet.parameters()) / 1e6,
             "trainable_params_m": sum(p.numel() for p in params) / 1e6,
         }
 
@@ -116,14 +119,18 @@ def main() -> None:
                "--optim", args.optim, "--steps", str(args.steps), "--warmup", str(args.warmup)]
         if args.gradient_checkpointing:
             cmd.append("--gradient-checkpointing")
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            sys.exit(f"{arch} failed:\n{proc.stderr[-4000:]}")
+        out = proc.stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
-    print("| arch | mode | pairs | px | precision | grad ckpt | step time (s) | pairs/s | peak memory (GiB) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| arch | mode | pairs | px | precision | grad ckpt | step time (s) | pairs/s | peak memory (GiB) | "
+          "of which before loading (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['arch']} | {r['mode']} | {r['pairs']} | {r['resolution']} | {r['mixed_precision']} | "
               f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['step_time_s']:.3f} ± {r['step_time_iqr_s']:.3f} | "
-              f"{r['pairs_per_second']:.1f} | {r['peak_memory_gb']:.2f} |")
+              f"{r['pairs_per_second']:.1f} | {r['peak_memory_gb']:.2f} | {r['baseline_memory_gb']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -11,6 +11,7 @@ Flow: :func:`load_preference_dataset` (cheap checks, counted by reason) -> :clas
 
 from __future__ import annotations
 
+import difflib
 import io
 import logging
 import math
@@ -157,10 +158,12 @@ def _check_columns(column_names: list[str], cfg: DataConfig, source: str) -> Non
     ]
     missing = [(col, key) for col, key in wanted if col not in column_names]
     if missing:
-        what = "; ".join(f"column '{col}' (set {key})" for col, key in missing)
+        hints = []
+        for col, key in missing:
+            close = difflib.get_close_matches(col, column_names, n=1, cutoff=0.0)
+            hints.append(f"column '{col}' (set {key}{', e.g. to ' + repr(close[0]) if close else ''})")
         raise ValueError(
-            f"dataset '{source}' lacks {what}. Available columns: {', '.join(column_names)}. "
-            f"Set the named DataConfig field to one of them (e.g. data.caption_column=prompt)"
+            f"dataset '{source}' lacks {'; '.join(hints)}. Available columns: {', '.join(column_names)}."
         )
 
 

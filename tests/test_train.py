@@ -201,3 +201,60 @@ def test_sigterm_saves_a_checkpoint_and_exits(tiny_sd15, photo_pairs, tmp_path):
     assert "resume_from=latest" in output
     state = json.loads((out / "checkpoints" / (out / "checkpoints/latest").read_text() / "trainer_state.json").read_text())
     assert 1 <= state["step"] < 10000
+
+
+def test_dpo_step_learns_the_preference_on_a_fixed_draw(tiny_sd15, photo_pairs):
+    """The real micro-step, with t, ε and the VAE sample fixed: the policy learns to prefer x_w over x_l."""
+    from accelerate import Accelerator
+
+    from lora_dpo.data import build_dataloader, load_preference_dataset
+    from lora_dpo.train import dpo_micro_step
+
+    cfg = load_config(None, _args(tiny_sd15, photo_pairs, "unused"))
+    dataset, _ = load_preference_dataset(cfg.data)
+    batch = next(iter(build_dataloader(dataset, cfg.data, 4, seed=0)))
+    comps = load_components(cfg.model, torch.float32)
+    params = add_lora(comps.unet, cfg.lora)
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    accelerator = Accelerator()
+    history = []
+    for _ in range(15):
+        generator = torch.Generator().manual_seed(0)  # the same draw every step
+        loss, m = dpo_micro_step(comps, comps.unet, comps.unet, batch, generator, 5000.0, accelerator, torch.float32)
+        optimizer.zero_grad()
+        loss.mean().backward()
+        optimizer.step()
+        history.append((loss.mean().item(), m))
+    assert history[0][0] == pytest.approx(math.log(2), abs=1e-6)
+    last_loss, last = history[-1]
+    assert last_loss < 0.3 and last["rewards/accuracies"].mean().item() == 1.0
+    # the preferred images' error fell relative to the reference more than the rejected images' error did
+    assert (last["rewards/chosen"] > last["rewards/rejected"]).all()
+
+
+def test_checkpoint_retention_and_tensorboard(tiny_sd15, photo_pairs, tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", str(ROOT / "recipes/sd15/lora_dpo.yaml"),
+                 *_args(tiny_sd15, photo_pairs, out, "train.max_steps=5", "train.checkpoint_every=1",
+                        "train.checkpoints_total_limit=2", "output.tensorboard=true", "train.log_every=2")]) == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_4", "step_5"]
+    assert (out / "checkpoints/latest").read_text() == "step_5"
+    assert [r["step"] for r in _metrics(out)] == [1, 2, 4, 5]  # step 1, every log_every, and the last
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("rewards/accuracies")] == [1, 2, 4, 5]
+
+
+def test_v_prediction_target(tiny_sd15, photo_pairs, tmp_path):
+    cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run", "model.prediction_type=v_prediction",
+                                  "train.max_steps=1"))
+    comps = load_components(cfg.model, torch.float32)
+    from lora_dpo.models import training_target
+
+    z, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
+    alpha = comps.noise_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
+    sigma = (1 - comps.noise_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(training_target(comps, z, eps, t), alpha * eps - sigma * z, atol=1e-6)
+    assert train(cfg).final_metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
