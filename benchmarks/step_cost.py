@@ -28,13 +28,11 @@ def run_worker(args) -> dict:
     import torch
     from accelerate import Accelerator
 
-    from lora_dpo.adapters import add_lora
     from lora_dpo.config import load_config
     from lora_dpo.data import PairBatch
-    from lora_dpo.models import DTYPES, load_components
     from lora_dpo.optim import build_optimizer
     from lora_dpo.tiny import save_tiny_pipeline
-    from lora_dpo.train import dpo_micro_step, peak_memory_gb
+    from lora_dpo.train import dpo_micro_step, peak_memory_gb, setup_policy
 
     arch = args.arch[0]
     family = ARCHES[arch]
@@ -46,12 +44,7 @@ def run_worker(args) -> dict:
             f"train.gradient_checkpointing={args.gradient_checkpointing}", f"optim.name={args.optim}",
         ])
         accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
-        dtype = DTYPES[cfg.train.mixed_precision]
-        comps = load_components(cfg.model, dtype, accelerator.device)
-        params = add_lora(comps.unet, cfg.lora)
-        if cfg.train.gradient_checkpointing:
-            comps.unet.enable_gradient_checkpointing()
-        comps.unet.train()
+        comps, params, dtype = setup_policy(cfg, accelerator.device)
         optimizer = build_optimizer(params, cfg.optim)
         unet, optimizer = accelerator.prepare(comps.unet, optimizer)
         generator = torch.Generator(accelerator.device).manual_seed(0)

@@ -31,9 +31,11 @@ def cmd_validate(args) -> int:
     from lora_dpo.config import load_config
     from lora_dpo.data import load_preference_dataset
     from lora_dpo.models import detect_family, read_model_index
+    from lora_dpo.optim import check_optimizer_available
 
     cfg = load_config(args.recipe, args.overrides)
     family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    check_optimizer_available(cfg.optim)
     _, report = load_preference_dataset(cfg.data)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"recipe OK: {args.recipe}")

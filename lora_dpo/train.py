@@ -35,7 +35,7 @@ from lora_dpo.models import (
     training_target,
     unet_conditioning,
 )
-from lora_dpo.optim import build_lr_scheduler, build_optimizer
+from lora_dpo.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,21 @@ def dpo_micro_step(components: Components, unet, base_unet, batch, generator: to
     return diffusion_dpo_loss(per_sample_mse(pred, target), per_sample_mse(ref_pred, target), beta)
 
 
+def setup_policy(cfg: RecipeConfig, device) -> tuple[Components, list[torch.nn.Parameter], torch.dtype]:
+    """Load the frozen components in the weight dtype of ``train.mixed_precision`` and attach the LoRA policy.
+
+    Returns ``(components, trainable parameters (fp32), weight dtype)``; the UNet is in train mode, with gradient
+    checkpointing when ``train.gradient_checkpointing``.
+    """
+    weight_dtype = DTYPES[cfg.train.mixed_precision]
+    components = load_components(cfg.model, weight_dtype, device)
+    params = add_lora(components.unet, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    components.unet.train()
+    return components, params, weight_dtype
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA max allocated on a GPU, peak resident set size of this process on the CPU, in GiB."""
     if device.type == "cuda":
@@ -207,6 +222,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
     run_dir = cfg.run_dir
     # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
     read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+    check_optimizer_available(cfg.optim)
     dataset, data_report = load_preference_dataset(cfg.data)
     resume_path = ckpt.resolve_resume(cfg.train.resume_from, run_dir) if cfg.train.resume_from else None
 
@@ -229,12 +245,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
 
     # 3. Models: frozen components in the weight dtype; the policy's LoRA in fp32.
-    weight_dtype = DTYPES[cfg.train.mixed_precision]
-    components = load_components(cfg.model, weight_dtype, accelerator.device)
-    params = add_lora(components.unet, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-    components.unet.train()
+    components, params, weight_dtype = setup_policy(cfg, accelerator.device)
 
     # 4. Optimizer and schedule (one schedule step per optimizer step).
     optimizer = build_optimizer(params, cfg.optim)
