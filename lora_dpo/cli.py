@@ -51,6 +51,8 @@ def _run_training(cfg) -> int:
     from lora_dpo.train import train
 
     result = train(cfg)
+    if not result.is_main_process:
+        return EXIT_SIGNAL.get(result.interrupted, 1) if result.interrupted else 0
     if result.interrupted:
         print(f"interrupted by {result.interrupted} at step {result.step}; checkpoint saved in "
               f"{result.run_dir / 'checkpoints'}; continue with train.resume_from=latest")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import signal
@@ -54,6 +55,7 @@ class TrainResult:
     interrupted: str | None = None  # "SIGINT"/"SIGTERM" when stopped by a signal (a checkpoint was saved)
     adapter_path: Path | None = None
     model: torch.nn.Module | None = field(default=None, repr=False)  # the trained UNet (adapter attached)
+    is_main_process: bool = True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -227,8 +229,18 @@ def train(cfg: RecipeConfig) -> TrainResult:
     resume_path = ckpt.resolve_resume(cfg.train.resume_from, run_dir) if cfg.train.resume_from else None
 
     # 2. Accelerator: mixed precision and processes. Each process gets its own seed (DESIGN.md §2).
-    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # On a machine without CUDA, accelerate joins a (gloo) process group only when told it runs on the CPU.
+    accelerator = Accelerator(mixed_precision=cfg.train.mixed_precision,
+                              cpu=launched > 1 and not torch.cuda.is_available())
     world, rank = accelerator.num_processes, accelerator.process_index
+    if not accelerator.is_main_process:
+        logging.getLogger("lora_dpo").setLevel(logging.WARNING)
+    if world != launched:
+        raise RuntimeError(
+            f"launched as {launched} processes but accelerate sees {world}: the processes would train separately "
+            "and overwrite each other's run folder; launch with `accelerate launch` or `torchrun`"
+        )
     if len(dataset) < cfg.train.batch_size * world:
         raise ValueError(
             f"{len(dataset)} pairs remain after filtering, fewer than train.batch_size × processes = "
@@ -367,7 +379,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
         writer.close()
 
     # 8. Export: the adapter in the diffusers format, the resolved recipe (already written), the model card.
-    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped, model=base_unet)
+    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped, model=base_unet,
+                         is_main_process=accelerator.is_main_process)
     if stopped:
         log.warning("stopped by %s at step %d; resume with train.resume_from=latest", stopped, step)
         return result

@@ -258,3 +258,17 @@ def test_v_prediction_target(tiny_sd15, photo_pairs, tmp_path):
     sigma = (1 - comps.noise_scheduler.alphas_cumprod[t]).sqrt().view(-1, 1, 1, 1)
     assert torch.allclose(training_target(comps, z, eps, t), alpha * eps - sigma * z, atol=1e-6)
     assert train(cfg).final_metrics["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_two_processes_share_one_run(tiny_sd15, photo_pairs, tmp_path):
+    """torchrun with 2 CPU processes (gloo): one process group, metrics over both shards, one run folder."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           "-m", "lora_dpo.cli", "train", str(ROOT / "recipes/sd15/lora_dpo.yaml"),
+           *_args(tiny_sd15, photo_pairs, out, "train.max_steps=2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "× 2 processes" in proc.stderr and proc.stdout.count("done: 2 steps") == 1
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
