@@ -80,6 +80,38 @@ def cmd_demo(args) -> int:
     return _run_training(load_config(DEMO_RECIPE, args.overrides))
 
 
+def cmd_eval(args) -> int:
+    """Base vs tuned on held-out seeds: win rate, accuracy, diversity, implicit reward; eval.json + PNGs."""
+    from lora_dpo.evaluate import evaluate_run, format_summary
+    from lora_dpo.prompts import load_prompts
+
+    report = evaluate_run(
+        args.run_dir, base_model=args.base_model, scorer_spec=args.scorer, prompts=load_prompts(args.prompts),
+        seeds_per_prompt=args.seeds_per_prompt, seed_offset=args.seed_offset,
+        heldout_pairs=args.heldout_pairs, max_heldout_pairs=args.max_heldout_pairs,
+        num_inference_steps=args.steps, guidance_scale=args.guidance, out_dir=args.out,
+        batch_size=args.batch_size, device=args.device, dtype=args.dtype, save_images=args.save_images,
+        progress=True,
+    )
+    print(format_summary(report))
+    return 0
+
+
+def cmd_prefs(args) -> int:
+    """Sample image pairs, label them with a scorer (AI feedback), write a Pick-a-Pic parquet; print the report."""
+    from lora_dpo.prefs import build_preference_set
+    from lora_dpo.prompts import load_prompts
+    from lora_dpo.scorers import load_scorer
+
+    report = build_preference_set(
+        args.model, load_scorer(args.scorer), load_prompts(args.prompts), args.pairs_per_prompt, args.out,
+        seed_offset=args.seed_offset, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        batch_size=args.batch_size,
+    )
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-dpo", description="Diffusion-DPO with LoRA for SD1.5 and SDXL")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -95,6 +127,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="offline demo: tiny SD1.5-style pipeline, real-photo preference pairs")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("eval", help="compare a trained run with its base model on held-out seeds")
+    p.add_argument("run_dir", help="a finished run folder (recipe.yaml, pytorch_lora_weights.safetensors)")
+    p.add_argument("--scorer", required=True, help="'jpeg' or a folder with classifier.json")
+    p.add_argument("--prompts", default="digits", help="'digits' (the ten digit captions) or a text file")
+    p.add_argument("--seeds-per-prompt", type=int, default=40)
+    p.add_argument("--seed-offset", type=int, default=10_000, help="first seed; clear of the training data's")
+    p.add_argument("--heldout-pairs", default=None, help="Pick-a-Pic parquet: implicit-reward accuracy")
+    p.add_argument("--max-heldout-pairs", type=int, default=None, help="use only the first N held-out pairs")
+    p.add_argument("--base-model", default=None, help="default: the recipe's model")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--save-images", action="store_true", help="also write each image to OUT/eval_samples/")
+    p.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("prefs", help="build preference pairs labelled by a scorer (AI feedback), Pick-a-Pic parquet")
+    p.add_argument("--model", required=True, help="diffusers pipeline folder to sample from")
+    p.add_argument("--scorer", required=True, help="'jpeg' or a folder with classifier.json")
+    p.add_argument("--prompts", default="digits", help="'digits' (the ten digit captions) or a text file, one per line")
+    p.add_argument("--pairs-per-prompt", type=int, required=True, help="pairs per prompt (two seeds each)")
+    p.add_argument("--seed-offset", type=int, default=0,
+                   help="pair k uses seeds S+2k, S+2k+1; give held-out sets a disjoint range")
+    p.add_argument("--out", required=True, help="output parquet file")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.set_defaults(fn=cmd_prefs)
     return parser
 
 

@@ -74,6 +74,18 @@ def messy_pairs(tmp_path_factory) -> tuple[Path, dict]:
     return path, expected
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core machine run faster and steadier on one thread (two threads contend badly
+    with any other busy process, e.g. the 2-process test)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _reset_accelerate_state():
     """accelerate keeps process-wide state; tests build several Accelerators in one process."""

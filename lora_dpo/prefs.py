@@ -1,0 +1,134 @@
+"""Preference pairs from AI feedback: sample two images per (prompt, pair), let a scorer pick the preferred one.
+
+This is the "learning from AI feedback" setting of Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908, §5.3):
+the preference labels come from a reward model instead of people. The output is a Pick-a-Pic-schema parquet that
+:func:`lora_dpo.data.load_preference_dataset` reads directly.
+
+Seeds: pair k (k = 0 .. pairs_per_prompt-1) of EVERY prompt uses ``seed_0 = seed_offset + 2k`` and
+``seed_1 = seed_offset + 2k + 1``, so one set uses the seed range ``[seed_offset, seed_offset + 2·pairs_per_prompt)``.
+For a training set and a held-out set with disjoint noise, give the held-out set
+``seed_offset >= train_offset + 2·train_pairs_per_prompt`` (e.g. train at 0, held-out at 1_000_000).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from lora_dpo.sampling import generate_images
+from lora_dpo.scorers import Scorer
+
+
+def pair_seeds(k: int, seed_offset: int = 0) -> tuple[int, int]:
+    """The seeds of pair ``k``: ``(seed_offset + 2k, seed_offset + 2k + 1)``."""
+    return seed_offset + 2 * k, seed_offset + 2 * k + 1
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _load_pipeline(pipeline_dir):
+    """A pipeline object passes through; a folder / hub id loads as SD1.5 or SDXL (read from ``model_index.json``)
+    with the SD1.5 safety checker off (it blacks out images, which would corrupt the scores)."""
+    if not isinstance(pipeline_dir, (str, os.PathLike)):
+        return pipeline_dir
+    from lora_dpo.export import pipeline_class
+    from lora_dpo.models import detect_family, read_model_index
+
+    family = detect_family(read_model_index(str(pipeline_dir)))
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
+    return pipeline_class(family).from_pretrained(str(pipeline_dir), **kwargs)
+
+
+def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs_per_prompt: int,
+                         out_path: str | Path, *, seed_offset: int = 0, num_inference_steps: int = 20,
+                         guidance_scale: float = 3.0, batch_size: int = 64) -> dict[str, Any]:
+    """Generate ``len(prompts) × pairs_per_prompt`` image pairs, score them, write a Pick-a-Pic parquet.
+
+    Wallace et al. 2023 §5.3 (learning from AI feedback). For each prompt and pair index k the two images are
+    generated with seeds :func:`pair_seeds` ``(k, seed_offset)`` (see the module docstring for disjoint
+    train / held-out seed ranges) and scored by ``scorer``.
+
+    Args:
+        pipeline_dir: a diffusers SD1.5 / SDXL pipeline folder (or hub id), or an already loaded pipeline.
+        scorer: any :class:`lora_dpo.scorers.Scorer` (higher = better).
+        prompts: captions; rows are written prompt by prompt, pair by pair.
+        pairs_per_prompt: pairs per prompt (each pair uses two seeds).
+        out_path: the parquet file; written to a temporary file beside it, then moved into place (atomic).
+        num_inference_steps, guidance_scale, batch_size: see :func:`lora_dpo.sampling.generate_images`.
+
+    The parquet's columns: ``caption`` (string), ``jpg_0``, ``jpg_1`` (PNG bytes: lossless; the names stay
+    Pick-a-Pic's), ``label_0`` (1.0 when ``score_0 > score_1``, 0.0 when lower, 0.5 when equal: a tie, which
+    training drops), ``score_0``, ``score_1`` (float64), ``seed_0``, ``seed_1`` (int64).
+
+    Returns:
+        report: ``pairs``, ``ties``, ``label_0_counts`` ({"1.0", "0.0", "0.5"}: rows), ``mean_score`` (over all
+        images), ``mean_abs_margin`` (mean |score_0 - score_1|), ``per_prompt`` ({prompt: {"pairs", "ties",
+        "mean_score"}}), ``scorer``, ``seed_offset``, ``seed_range`` ([first, last + 1)), ``out``.
+
+    Raises:
+        ValueError: no prompts, ``pairs_per_prompt`` < 1 or ``seed_offset`` < 0.
+        lora_dpo.models.ModelLoadError: ``pipeline_dir`` is not a pipeline folder / supported pipeline.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not prompts:
+        raise ValueError("no prompts given")
+    if pairs_per_prompt < 1:
+        raise ValueError(f"pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
+    if seed_offset < 0:
+        raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
+    # Fail fast (before any generation) on prompts the scorer cannot score, e.g. no digit for the classifier.
+    unique = list(dict.fromkeys(prompts))
+    scorer.score([Image.new("RGB", (32, 32))] * len(unique), unique)
+    pipe = _load_pipeline(pipeline_dir)
+    captions = [p for p in prompts for _ in range(pairs_per_prompt)]
+    seeds = np.array([pair_seeds(k, seed_offset) for _ in prompts for k in range(pairs_per_prompt)], dtype=np.int64)
+    # Images interleaved: pair i is images (2i, 2i + 1).
+    all_prompts = [c for c in captions for _ in range(2)]
+    images = generate_images(pipe, all_prompts, seeds.reshape(-1).tolist(), num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, batch_size=batch_size)
+    scores = np.asarray(scorer.score(images, all_prompts), dtype=np.float64).reshape(-1, 2)
+    labels = np.where(scores[:, 0] > scores[:, 1], 1.0, np.where(scores[:, 0] < scores[:, 1], 0.0, 0.5))
+    table = pa.table({
+        "caption": pa.array(captions, pa.string()),
+        "jpg_0": pa.array([_png(img) for img in images[0::2]], pa.binary()),
+        "jpg_1": pa.array([_png(img) for img in images[1::2]], pa.binary()),
+        "label_0": pa.array(labels, pa.float64()),
+        "score_0": pa.array(scores[:, 0]), "score_1": pa.array(scores[:, 1]),
+        "seed_0": pa.array(seeds[:, 0]), "seed_1": pa.array(seeds[:, 1]),
+    })
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+    per_prompt: dict[str, dict[str, Any]] = defaultdict(lambda: {"pairs": 0, "ties": 0, "score_sum": 0.0})
+    for caption, label, pair in zip(captions, labels, scores):
+        entry = per_prompt[caption]
+        entry["pairs"] += 1
+        entry["ties"] += int(label == 0.5)
+        entry["score_sum"] += float(pair.sum())
+    return {
+        "pairs": len(captions), "ties": int((labels == 0.5).sum()),
+        "label_0_counts": {str(v): int((labels == v).sum()) for v in (1.0, 0.0, 0.5)},
+        "mean_score": float(scores.mean()), "mean_abs_margin": float(np.abs(scores[:, 0] - scores[:, 1]).mean()),
+        "per_prompt": {p: {"pairs": e["pairs"], "ties": e["ties"], "mean_score": e["score_sum"] / (2 * e["pairs"])}
+                       for p, e in per_prompt.items()},
+        "scorer": getattr(scorer, "name", type(scorer).__name__), "seed_offset": seed_offset,
+        "seed_range": [seed_offset, seed_offset + 2 * pairs_per_prompt], "out": str(out_path),
+    }
