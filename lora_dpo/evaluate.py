@@ -17,9 +17,7 @@
    reward margin (the ``u`` of Eq. 14's ``-log σ(u)``) ranks the preferred image first.
 6. Files: ``eval.json``, a side-by-side grid ``eval_grid.png``, the training curves ``training_curves.png``.
 
-The statistics helpers (:func:`win_rate`, :func:`wilson_interval`, :func:`bootstrap_interval`,
-:func:`mean_pairwise_l2`) and the picture helpers (:func:`make_grid`, :func:`plot_training_curves`) are pure
-and usable alone.
+The statistics live in :mod:`lora_dpo.stats`, the pictures in :mod:`lora_dpo.figures`.
 """
 
 from __future__ import annotations
@@ -36,7 +34,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+
+from lora_dpo.figures import make_grid, plot_training_curves
+from lora_dpo.stats import (
+    CI_METHOD,
+    DIVERSITY_METHOD,
+    bootstrap_interval,
+    diversity,
+    mean_pairwise_l2,
+    wilson_interval,
+    win_outcomes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,260 +52,6 @@ REPORT_FILE = "eval.json"
 GRID_FILE = "eval_grid.png"
 CURVES_FILE = "training_curves.png"
 SAMPLES_DIR = "eval_samples"
-CURVE_METRICS = ("loss", "rewards/accuracies", "rewards/margins")
-
-# Grid layout, in pixels: a label strip above each prompt's two rows, a column of row names on the left.
-LABEL_HEIGHT = 16
-SIDE_WIDTH = 44
-TILE_TARGET = 96  # small images are enlarged (NEAREST, by an integer factor) to about this size
-MAX_TILE = 256  # large images are shrunk to this size
-
-Z_95 = 1.959963984540054  # two-sided 95% normal quantile
-BOOTSTRAP_RESAMPLES = 2000
-CI_METHOD = (
-    "win_rate_ci95: Wilson score interval (95%), ties counted as half a win; win_rate_ci95_bootstrap: "
-    f"percentile bootstrap over the prompt x seed comparisons ({BOOTSTRAP_RESAMPLES} resamples, seed 0). "
-    "Both treat the comparisons as independent."
-)
-DIVERSITY_METHOD = ("mean pairwise L2 distance between the images of one prompt (flattened, pixels in "
-                    "[0, 1]), averaged over prompts")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def win_outcomes(tuned: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Per-comparison outcome of tuned vs base: 1 (tuned scores higher), 0.5 (equal), 0 (lower).
-
-    Args:
-        tuned, base: ``(N,)`` scores of the same N comparisons (same prompt and seed at each index).
-    Returns:
-        ``(N,)`` float64.
-    Raises:
-        ValueError: shapes differ or are not ``(N,)`` with N ≥ 1.
-    """
-    tuned, base = np.asarray(tuned, dtype=np.float64), np.asarray(base, dtype=np.float64)
-    if tuned.ndim != 1 or tuned.shape != base.shape or tuned.size == 0:
-        raise ValueError(f"tuned {tuned.shape} and base {base.shape} must be non-empty (N,), of one length")
-    return np.where(tuned > base, 1.0, np.where(tuned == base, 0.5, 0.0))
-
-
-def win_rate(tuned: Sequence[float] | np.ndarray, base: Sequence[float] | np.ndarray) -> float:
-    """Fraction of comparisons where tuned scores higher than base, ties counting half (in [0, 1])."""
-    return float(win_outcomes(tuned, base).mean())
-
-
-def wilson_interval(successes: float, n: int, z: float = Z_95) -> tuple[float, float]:
-    """Wilson score interval for the proportion ``successes / n`` (Wilson 1927), 95% by default.
-
-    ``successes`` may be fractional (a tie counts 0.5), which makes the interval slightly conservative.
-    Unlike the normal approximation it stays inside [0, 1] and does not collapse at the extremes: n wins out
-    of n give ``[n / (n + z²), 1]``.
-
-    Raises:
-        ValueError: n < 1, or successes outside [0, n].
-    """
-    if n < 1 or not 0 <= successes <= n:
-        raise ValueError(f"need n >= 1 and 0 <= successes <= n, got successes={successes}, n={n}")
-    p, z2 = successes / n, z * z
-    denom = 1 + z2 / n
-    center = (p + z2 / (2 * n)) / denom
-    half = z / denom * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
-
-
-def bootstrap_interval(values: Sequence[float] | np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean of ``values`` (``(N,)``), resampling the N values.
-
-    Deterministic for a given seed. Degenerate at the extremes (N equal values give a zero-width interval):
-    for small N or win rates near 0 or 1 prefer :func:`wilson_interval`.
-
-    Raises:
-        ValueError: ``values`` is empty or not 1-D.
-    """
-    values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0:
-        raise ValueError(f"values must be a non-empty (N,) array, got shape {values.shape}")
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(resamples, values.size))].mean(axis=1)
-    alpha = (1 - level) / 2
-    lo, hi = np.quantile(means, [alpha, 1 - alpha])
-    return float(lo), float(hi)
-
-
-def images_to_array(images: Sequence[Image.Image]) -> np.ndarray:
-    """PIL images of one size -> ``(N, H, W, 3)`` float32, pixels in [0, 1]."""
-    return np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0 for im in images])
-
-
-def mean_pairwise_l2(images: Sequence[Image.Image] | np.ndarray) -> float:
-    """Mean L2 distance over all unordered pairs of images (flattened, pixels in [0, 1]).
-
-    Units: a Euclidean norm over H·W·3 values, so a black and a white image are ``sqrt(3·H·W)`` apart (55.4
-    at 32 px) and identical images 0. NaN for fewer than two images.
-
-    Args:
-        images: PIL images of one size, or an ``(N, H, W, C)`` array already in [0, 1].
-    """
-    arr = images if isinstance(images, np.ndarray) else images_to_array(images)
-    flat = arr.reshape(len(arr), -1).astype(np.float32)
-    if len(flat) < 2:
-        return float("nan")
-    total, count = 0.0, 0
-    for i in range(len(flat) - 1):  # row by row: exact, and memory stays O(N·D) for large images
-        dist = np.sqrt(((flat[i + 1:] - flat[i]) ** 2).sum(axis=1, dtype=np.float64))
-        total, count = total + float(dist.sum()), count + len(dist)
-    return total / count
-
-
-def diversity(images: Sequence[Image.Image], groups: Sequence[Any]) -> float:
-    """:func:`mean_pairwise_l2` within each group (e.g. the images of one prompt), averaged over the groups
-    that hold at least two images; NaN if none does.
-
-    Raises:
-        ValueError: ``images`` and ``groups`` differ in length.
-    """
-    if len(images) != len(groups):
-        raise ValueError(f"{len(images)} images but {len(groups)} group labels")
-    values = []
-    for key in dict.fromkeys(groups):
-        members = [im for im, g in zip(images, groups) if g == key]
-        if len(members) >= 2:
-            values.append(mean_pairwise_l2(members))
-    return float(np.mean(values)) if values else float("nan")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Pictures
-
-
-def tile_size(side: int) -> int:
-    """Grid tile size for images of ``side`` pixels: small images grow by an integer factor to about
-    :data:`TILE_TARGET` (32 -> 96), large ones shrink to :data:`MAX_TILE`, the rest keep their size."""
-    if side < TILE_TARGET:
-        return side * max(1, TILE_TARGET // side)
-    return min(side, MAX_TILE)
-
-
-def grid_size(n_prompts: int, n_cols: int, tile: int, label_height: int = LABEL_HEIGHT,
-              side_width: int = SIDE_WIDTH) -> tuple[int, int]:
-    """``(width, height)`` of :func:`make_grid`'s picture: ``side_width + n_cols·tile`` by
-    ``n_prompts·(label_height + 2·tile)`` (per prompt: a label strip, the base row, the tuned row)."""
-    return side_width + n_cols * tile, n_prompts * (label_height + 2 * tile)
-
-
-def _fit_text(draw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def make_grid(prompts: Sequence[str], base_rows: Sequence[Sequence[Image.Image]],
-              tuned_rows: Sequence[Sequence[Image.Image]], *, tile: int | None = None) -> Image.Image:
-    """Side-by-side picture: for each prompt, its text on a grey strip, then the base row, then the tuned row.
-
-    Column j of both rows should come from the same seed. Tiles are resized to ``tile`` pixels (default
-    :func:`tile_size` of the first image): NEAREST when enlarging (pixels stay crisp), LANCZOS when shrinking.
-    The row names (``base``, ``tuned``) sit in a left column. Size: exactly :func:`grid_size` ``(len(prompts),
-    longest row, tile)``.
-
-    Raises:
-        ValueError: the numbers of prompts, base rows and tuned rows differ, or the rows hold no image.
-    """
-    from PIL import ImageDraw, ImageFont
-
-    if not (len(prompts) == len(base_rows) == len(tuned_rows)) or not prompts:
-        raise ValueError(f"{len(prompts)} prompts, {len(base_rows)} base rows, {len(tuned_rows)} tuned rows: "
-                         "need one base and one tuned row per prompt")
-    images = [im for row in (*base_rows, *tuned_rows) for im in row]
-    if not images:
-        raise ValueError("the rows hold no image")
-    n_cols = max(len(row) for row in (*base_rows, *tuned_rows))
-    tile = tile or tile_size(max(images[0].size))
-    width, height = grid_size(len(prompts), n_cols, tile)
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
-    for i, prompt in enumerate(prompts):
-        y0 = i * (LABEL_HEIGHT + 2 * tile)
-        draw.rectangle((0, y0, width - 1, y0 + LABEL_HEIGHT - 1), fill=(228, 228, 228))
-        draw.text((4, y0 + 2), _fit_text(draw, prompt, font, width - 8), fill=(0, 0, 0), font=font)
-        for r, (name, row) in enumerate((("base", base_rows[i]), ("tuned", tuned_rows[i]))):
-            y = y0 + LABEL_HEIGHT + r * tile
-            draw.text((4, y + tile // 2 - 6), name, fill=(0, 0, 0), font=font)
-            for j, im in enumerate(row):
-                resample = Image.Resampling.NEAREST if tile >= max(im.size) else Image.Resampling.LANCZOS
-                canvas.paste(im.convert("RGB").resize((tile, tile), resample), (SIDE_WIDTH + j * tile, y))
-    return canvas
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The rows of a run's ``metrics.jsonl``, one dict per logged step. Raises FileNotFoundError."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-
-
-def moving_average(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean: ``(N - window + 1,)``, element k = mean of ``values[k : k + window]``; empty when
-    ``window`` is not in ``1..N``."""
-    values = np.asarray(values, dtype=np.float64)
-    if window < 1 or window > len(values):
-        return np.empty(0)
-    return np.convolve(values, np.ones(window) / window, mode="valid")
-
-
-def plot_training_curves(metrics_path: str | Path, out_path: str | Path,
-                         metrics: Sequence[str] = CURVE_METRICS, title: str | None = None) -> Path:
-    """Plot ``metrics`` (default loss, rewards/accuracies, rewards/margins) against step, one panel each; save
-    a PNG of 420·len(metrics) × 340 pixels.
-
-    Raw values are light points; from 5 logged steps on, a trailing moving average (window = 1/10 of the
-    logged steps, at least 2) is a line on top. Dashed references: ln 2 for the loss (policy = reference),
-    0.5 for the accuracy (chance), 0 for the margin. Draws on matplotlib's Agg canvas directly: no pyplot, no
-    change of the global backend.
-
-    Raises:
-        FileNotFoundError: no metrics file. ValueError: it holds no rows.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    rows = read_metrics(metrics_path)
-    if not rows:
-        raise ValueError(f"{metrics_path} holds no logged steps")
-    fig = Figure(figsize=(4.2 * len(metrics), 3.4), dpi=100)
-    FigureCanvasAgg(fig)
-    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
-    references = {"loss": (math.log(2), "ln 2"), "rewards/accuracies": (0.5, "chance"),
-                  "rewards/margins": (0.0, "0")}
-    for ax, name in zip(axes, metrics):
-        points = [(r["step"], r[name]) for r in rows
-                  if "step" in r and isinstance(r.get(name), (int, float)) and math.isfinite(r[name])]
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if not points:
-            ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
-            continue
-        steps, values = (np.asarray(v, dtype=np.float64) for v in zip(*points))
-        ax.plot(steps, values, "o", ms=2.5, alpha=0.35, color="tab:blue", label="per step")
-        window = max(2, len(values) // 10)
-        if len(values) >= 5:
-            ax.plot(steps[window - 1:], moving_average(values, window), "-", lw=1.6, color="tab:blue",
-                    label=f"moving average ({window})")
-        if name in references:
-            value, label = references[name]
-            ax.axhline(value, ls="--", lw=0.8, color="grey", label=label)
-        ax.legend(fontsize=7, loc="best")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    fig.savefig(out_path)
-    return out_path
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -452,19 +206,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _load_pipeline(model_path: str, family: str, cfg, device: torch.device, dtype: torch.dtype):
-    from lora_dpo.export import pipeline_class
-
-    kwargs: dict[str, Any] = dict(revision=cfg.model.revision, variant=cfg.model.variant)
-    if dtype != torch.float32:  # diffusers >= 0.42 calls it `dtype`; `torch_dtype` still works back to 0.35
-        kwargs["torch_dtype"] = dtype
-    if family == "sd15":  # SD1.5's safety checker blacks out images it flags: that would corrupt the scores
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class(family).from_pretrained(model_path, **kwargs).to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_spec: str | Any,
                  prompts: Sequence[str], seeds_per_prompt: int, seed_offset: int = 10_000,
                  heldout_pairs: str | Path | None = None, num_inference_steps: int = 20,
@@ -512,7 +253,7 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
     from lora_dpo.config import load_config
     from lora_dpo.export import WEIGHT_NAME
     from lora_dpo.models import DTYPES, detect_family, read_model_index
-    from lora_dpo.sampling import generate_images
+    from lora_dpo.sampling import generate_images, load_pipeline
     from lora_dpo.scorers import load_scorer
 
     started = time.perf_counter()
@@ -552,7 +293,8 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
     log.info("eval: %d prompts x %d seeds = %d comparisons, %d steps, guidance %g, %d px, %s on %s",
              len(prompts), seeds_per_prompt, n, num_inference_steps, guidance_scale, resolution, family,
              torch_device)
-    pipe = _load_pipeline(model_path, family, cfg, torch_device, torch_dtype)
+    pipe = load_pipeline(model_path, device=torch_device, dtype=torch_dtype, revision=cfg.model.revision,
+                         variant=cfg.model.variant)
     t0 = time.perf_counter()
     base_images = generate_images(pipe, flat_prompts, flat_seeds, **gen_kw)
     timing["generation_base_s"] = time.perf_counter() - t0

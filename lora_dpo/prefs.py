@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lora_dpo.sampling import generate_images
+from lora_dpo.sampling import generate_images, load_pipeline
 from lora_dpo.scorers import Scorer
 
 
@@ -34,19 +34,6 @@ def _png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def _load_pipeline(pipeline_dir):
-    """A pipeline object passes through; a folder / hub id loads as SD1.5 or SDXL (read from ``model_index.json``)
-    with the SD1.5 safety checker off (it blacks out images, which would corrupt the scores)."""
-    if not isinstance(pipeline_dir, (str, os.PathLike)):
-        return pipeline_dir
-    from lora_dpo.export import pipeline_class
-    from lora_dpo.models import detect_family, read_model_index
-
-    family = detect_family(read_model_index(str(pipeline_dir)))
-    kwargs = {"safety_checker": None, "requires_safety_checker": False} if family == "sd15" else {}
-    return pipeline_class(family).from_pretrained(str(pipeline_dir), **kwargs)
 
 
 def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs_per_prompt: int,
@@ -91,7 +78,7 @@ def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs
     # Fail fast (before any generation) on prompts the scorer cannot score, e.g. no digit for the classifier.
     unique = list(dict.fromkeys(prompts))
     scorer.score([Image.new("RGB", (32, 32))] * len(unique), unique)
-    pipe = _load_pipeline(pipeline_dir)
+    pipe = load_pipeline(pipeline_dir) if isinstance(pipeline_dir, (str, os.PathLike)) else pipeline_dir
     captions = [p for p in prompts for _ in range(pairs_per_prompt)]
     seeds = np.array([pair_seeds(k, seed_offset) for _ in prompts for k in range(pairs_per_prompt)], dtype=np.int64)
     # Images interleaved: pair i is images (2i, 2i + 1).

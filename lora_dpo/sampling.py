@@ -8,6 +8,7 @@ the same seeds, start from the same initial noise and are directly comparable.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -57,3 +58,24 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
         )
         images.extend(img.convert("RGB") for img in out.images)
     return images
+
+
+def load_pipeline(model: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  revision: str | None = None, variant: str | None = None):
+    """A diffusers SD1.5 or SDXL pipeline (family read from ``model_index.json``) for sampling and scoring.
+
+    SD1.5's safety checker is left out: it blacks out images it flags, which would corrupt any score. The
+    pipeline's progress bar is off. Raises :class:`lora_dpo.models.ModelLoadError` for a bad path or id.
+    """
+    from lora_dpo.export import pipeline_class
+    from lora_dpo.models import detect_family, read_model_index
+
+    family = detect_family(read_model_index(str(model), revision))
+    kwargs: dict = dict(revision=revision, variant=variant)
+    if dtype != torch.float32:
+        kwargs["torch_dtype"] = dtype
+    if family == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = pipeline_class(family).from_pretrained(str(model), **kwargs).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

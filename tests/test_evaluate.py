@@ -15,23 +15,17 @@ from safetensors.torch import load_file, save_file
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.evaluate import (
+from lora_dpo.evaluate import evaluate_run, implicit_reward_accuracy, load_exported_adapter
+from lora_dpo.export import WEIGHT_NAME
+from lora_dpo.figures import grid_size, make_grid, moving_average, plot_training_curves, tile_size
+from lora_dpo.stats import (
     bootstrap_interval,
     diversity,
-    evaluate_run,
-    grid_size,
-    implicit_reward_accuracy,
-    load_exported_adapter,
-    make_grid,
     mean_pairwise_l2,
-    moving_average,
-    plot_training_curves,
-    tile_size,
     wilson_interval,
     win_outcomes,
     win_rate,
 )
-from lora_dpo.export import WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a handwritten digit seven", "a photo of a cat"]
