@@ -69,9 +69,10 @@ class LossConfig(_Section):
     """Diffusion-DPO loss, ``u = -0.5·β·[(e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l))]`` (DESIGN.md §1).
 
     β follows the official code's convention (errors averaged over C,H,W; factor 0.5): 5000. The diffusers
-    research script's β=2500 without the 0.5 is the same loss."""
+    research script's β=2500 without the 0.5 is the same loss. ``type: sft`` trains the plain denoising loss on the
+    preferred images only (the paper's baseline; β unused, no reference pass)."""
 
-    type: Literal["sigmoid"] = "sigmoid"
+    type: Literal["sigmoid", "sft"] = "sigmoid"
     beta: float = Field(5000.0, gt=0)
 
 

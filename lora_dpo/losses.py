@@ -61,3 +61,18 @@ def diffusion_dpo_loss(
         "mse/chosen": model_w, "mse/rejected": model_l, "ref_mse/chosen": ref_w, "ref_mse/rejected": ref_l,
     }
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+def sft_loss(model_err_w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Supervised fine-tuning on the preferred images only: the plain denoising loss ``e_θ(w)``.
+
+    The paper's baseline ("SFT", Wallace et al. 2023 §5): no reference model and no rejected image.
+
+    Args:
+        model_err_w: ``(B,)`` policy errors on the preferred images.
+    Returns:
+        ``(loss (B,), {"mse/chosen": (B,)})``.
+    """
+    if model_err_w.ndim != 1:
+        raise ValueError(f"model_err_w must be (B,), got {tuple(model_err_w.shape)}")
+    return model_err_w.float(), {"mse/chosen": model_err_w.detach().float()}

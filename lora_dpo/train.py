@@ -25,7 +25,7 @@ from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict,
 from lora_dpo.config import ConfigError, RecipeConfig
 from lora_dpo.data import build_dataloader, load_preference_dataset
 from lora_dpo.export import save_lora_adapter, write_model_card
-from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse
+from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from lora_dpo.models import (
     DTYPES,
     Components,
@@ -104,15 +104,16 @@ class PairStream:
 
 
 def dpo_micro_step(components: Components, unet, base_unet, batch, generator: torch.Generator, beta: float,
-                   accelerator, weight_dtype: torch.dtype):
-    """Policy and reference errors for one micro-batch of ``B`` pairs, and the DPO loss per pair.
+                   accelerator, weight_dtype: torch.dtype, loss_type: str = "sigmoid"):
+    """Policy and reference errors for one micro-batch of ``B`` pairs, and the loss per pair.
 
     One timestep and one noise draw per pair, shared by its two images (DESIGN.md §1 step 2). The reference pass
     runs first, under ``no_grad`` with the adapter disabled; the policy pass (with grad) follows, so the adapter is
-    enabled again before ``backward()`` re-runs checkpointed segments.
+    enabled again before ``backward()`` re-runs checkpointed segments. ``loss_type="sft"`` runs only the preferred
+    images through the policy and no reference pass (the draws are the same, so runs stay comparable).
 
     Returns:
-        ``(loss (B,), metrics dict of (B,) tensors)`` from :func:`lora_dpo.losses.diffusion_dpo_loss`.
+        ``(loss (B,), metrics dict of (B,) tensors)`` from :mod:`lora_dpo.losses`.
     """
     device = accelerator.device
     batch = batch.to(device)
@@ -128,11 +129,22 @@ def dpo_micro_step(components: Components, unet, base_unet, batch, generator: to
     target = training_target(components, latents, noise, timesteps)
     cond = unet_conditioning(components, encode_prompts(components, batch.captions), batch, weight_dtype)
 
+    if loss_type == "sft":
+        preferred = slice(0, num_pairs)
+        cond_w = {k: _rows(v, preferred) for k, v in cond.items()}
+        with accelerator.autocast():
+            pred = unet(noisy[preferred], timesteps[preferred], **cond_w).sample
+        return sft_loss(per_sample_mse(pred, target[preferred]))
     with torch.no_grad(), adapters_disabled(base_unet), accelerator.autocast():
         ref_pred = base_unet(noisy, timesteps, **cond).sample
     with accelerator.autocast():
         pred = unet(noisy, timesteps, **cond).sample
     return diffusion_dpo_loss(per_sample_mse(pred, target), per_sample_mse(ref_pred, target), beta)
+
+
+def _rows(value, rows: slice):
+    """The given batch rows of a conditioning tensor or of a dict of them (SDXL's added_cond_kwargs)."""
+    return {k: v[rows] for k, v in value.items()} if isinstance(value, dict) else value[rows]
 
 
 def setup_policy(cfg: RecipeConfig, device) -> tuple[Components, list[torch.nn.Parameter], torch.dtype]:
@@ -323,7 +335,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 sync = micro == accum - 1
                 with nullcontext() if sync else accelerator.no_sync(unet):
                     loss, metrics = dpo_micro_step(components, unet, base_unet, batch, generator,
-                                                   cfg.loss.beta, accelerator, weight_dtype)
+                                                   cfg.loss.beta, accelerator, weight_dtype, cfg.loss.type)
                     if not torch.isfinite(loss).all():
                         last = ckpt.list_checkpoints(run_dir)
                         raise TrainingDiverged(
@@ -357,8 +369,10 @@ def train(cfg: RecipeConfig) -> TrainResult:
             if grad_norm is not None:
                 final["grad_norm"] = float(grad_norm)
             bar.update(1)
-            bar.set_postfix(loss=f"{final['loss']:.4f}", acc=f"{final['rewards/accuracies']:.2f}",
-                            margin=f"{final['rewards/margins']:.3g}")
+            shown = {"loss": f"{final['loss']:.4f}"}
+            if "rewards/accuracies" in final:
+                shown.update(acc=f"{final['rewards/accuracies']:.2f}", margin=f"{final['rewards/margins']:.3g}")
+            bar.set_postfix(shown)
             if accelerator.is_main_process and (step == 1 or step % cfg.train.log_every == 0 or step == cfg.train.max_steps):
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(final) + "\n")

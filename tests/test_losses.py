@@ -66,3 +66,13 @@ def test_bad_shapes_raise():
         diffusion_dpo_loss(torch.zeros(3), torch.zeros(3), 1.0)
     with pytest.raises(ValueError, match="same shape"):
         per_sample_mse(torch.zeros(2, 4, 2, 2), torch.zeros(2, 4, 2, 3))
+
+
+def test_sft_loss_is_the_preferred_error():
+    from lora_dpo.losses import sft_loss
+
+    err = torch.tensor([0.25, 0.5])
+    loss, m = sft_loss(err)
+    assert loss.tolist() == [0.25, 0.5] and m["mse/chosen"].tolist() == [0.25, 0.5]
+    with pytest.raises(ValueError):
+        sft_loss(torch.zeros(2, 2))

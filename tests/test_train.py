@@ -272,3 +272,36 @@ def test_two_processes_share_one_run(tiny_sd15, photo_pairs, tmp_path):
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2] and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_sft_trains_on_preferred_images_without_reference(tiny_sd15, photo_pairs, tmp_path):
+    """loss.type=sft: one policy pass over the B preferred images per micro-step, no reference pass."""
+    from lora_dpo.data import build_dataloader, load_preference_dataset
+    from lora_dpo.train import dpo_micro_step
+
+    cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run", "loss.type=sft", "train.max_steps=2"))
+    result = train(cfg)
+    rows = _metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2] and "rewards/margins" not in rows[0]
+    assert rows[0]["loss"] == pytest.approx(rows[0]["mse/chosen"])
+    assert any(p.abs().sum() > 0 for n, p in result.model.named_parameters() if "lora_B" in n)
+
+    from accelerate import Accelerator
+
+    dataset, _ = load_preference_dataset(cfg.data)
+    batch = next(iter(build_dataloader(dataset, cfg.data, 2, seed=0)))
+    calls = []
+    handle = result.model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
+    try:
+        generator = torch.Generator().manual_seed(0)
+        sft, _ = dpo_micro_step(_components(cfg, result.model), result.model, result.model, batch, generator,
+                                5000.0, Accelerator(), torch.float32, "sft")
+    finally:
+        handle.remove()
+    assert calls == [2] and sft.shape == (2,)
+
+
+def _components(cfg, unet):
+    comps = load_components(cfg.model, torch.float32)
+    comps.unet = unet
+    return comps
