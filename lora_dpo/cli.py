@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
 EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
@@ -72,12 +73,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Build the offline demo assets (tiny pipeline, photo preference pairs) if missing, then train on them."""
-    from lora_dpo.config import load_config
-    from lora_dpo.demo import DEMO_RECIPE, ensure_demo_assets
+    """Train LoRA-DPO on the committed digits world, then evaluate it against the base model."""
+    from lora_dpo.demo import run_demo
+    from lora_dpo.evaluate import format_summary
 
-    ensure_demo_assets()
-    return _run_training(load_config(DEMO_RECIPE, args.overrides))
+    result, report = run_demo(args.overrides)
+    print(f"trained {result.step} steps: adapter {result.adapter_path}")
+    print(format_summary(report))
+    return 0
 
 
 def cmd_eval(args) -> int:
@@ -112,6 +115,17 @@ def cmd_prefs(args) -> int:
     return 0
 
 
+def cmd_world(args) -> int:
+    """Build the digits world (base pipeline, scorer, preference sets) on the CPU; see lora_dpo/world.py."""
+    from lora_dpo.world import WorldConfig, build_world
+
+    cfg = WorldConfig(seed=args.seed, unet_steps=args.unet_steps, vae_steps=args.vae_steps)
+    report = build_world(args.out, cfg, with_prefs=not args.no_prefs)
+    print(json.dumps({"out": str(args.out), "base_sample_accuracy": report["base_sample_accuracy"],
+                      "stage_times_s": report["config"]["stage_times_s"], "size_mb": report["size_mb"]}, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-dpo", description="Diffusion-DPO with LoRA for SD1.5 and SDXL")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
@@ -124,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/sd15/lora_dpo.yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
         p.set_defaults(fn=fn)
-    p = sub.add_parser("demo", help="offline demo: tiny SD1.5-style pipeline, real-photo preference pairs")
+    p = sub.add_parser("demo", help="offline demo: LoRA-DPO on the digits world, then its evaluation")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("eval", help="compare a trained run with its base model on held-out seeds")
@@ -156,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
     p.set_defaults(fn=cmd_prefs)
+    p = sub.add_parser("world", help="build the digits world: a small real text-to-image model and its AI feedback")
+    world = p.add_subparsers(dest="world_command", required=True)
+    from lora_dpo.world import WORLD_DIR, WorldConfig
+
+    defaults = WorldConfig()
+    p = world.add_parser("build", help="train the base pipeline and scorer, sample the preference sets (CPU)")
+    p.add_argument("--out", type=Path, default=WORLD_DIR, help=f"world folder (default {WORLD_DIR})")
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--unet-steps", type=int, default=defaults.unet_steps)
+    p.add_argument("--vae-steps", type=int, default=defaults.vae_steps)
+    p.add_argument("--no-prefs", action="store_true", help="skip the preference sets")
+    p.set_defaults(fn=cmd_world)
     return parser
 
 

@@ -60,6 +60,10 @@ class DataConfig(_Section):
     caption_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # Ties (label_0 == 0.5) carry no preference; the only supported handling is dropping them.
     drop_ties: bool = True
+    # Keep only pairs whose scorer rewards differ by at least this much (needs data.score_columns, as written by
+    # `lora-dpo prefs`); pairs of two equally good (or bad) images carry little preference signal.
+    min_score_gap: float | None = Field(None, ge=0)
+    score_columns: tuple[str, str] = ("score_0", "score_1")
     max_pairs: int | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None

@@ -251,6 +251,15 @@ def _row_reason(caption: Any, label: Any, images: tuple[Any, Any], base: Path | 
     return None
 
 
+def _score_gap_reason(scores: list[Any], min_gap: float) -> str | None:
+    """``missing_score`` / ``small_score_gap`` when the two rewards are absent or closer than ``min_gap``."""
+    try:
+        gap = abs(float(scores[0]) - float(scores[1]))
+    except (TypeError, ValueError):
+        return "missing_score"
+    return None if gap >= min_gap else "small_score_gap"
+
+
 def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str, Any]]:
     """Load Pick-a-Pic-schema rows; return ``(dataset of kept rows, report)``.
 
@@ -261,7 +270,8 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
     absolute. Image-feature columns are returned with ``decode=False`` so :class:`PreferencePairs` decodes them.
 
     Rows are skipped, counted by reason: ``bad_label`` (label not in {0, 0.5, 1}), ``tie`` (0.5),
-    ``missing_caption`` (None / not a string), ``missing_image``, ``undecodable_image`` (header does not open).
+    ``missing_caption`` (None / not a string), ``missing_image``, ``undecodable_image`` (header does not open),
+    and with ``cfg.min_score_gap``: ``missing_score``, ``small_score_gap`` (``|score_0 - score_1| < min_score_gap``).
     Scanning stops once ``cfg.max_pairs`` rows are kept (the first N kept rows).
 
     Returns:
@@ -279,12 +289,21 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
     _check_columns(list(raw.column_names), cfg, cfg.dataset)
     raw = _undecoded(raw, cfg.image_columns)
     cols = [cfg.caption_column, cfg.label_column, *cfg.image_columns]
+    if cfg.min_score_gap is not None:
+        missing = [c for c in cfg.score_columns if c not in raw.column_names]
+        if missing:
+            raise ValueError(
+                f"data.min_score_gap needs score columns {missing} in '{cfg.dataset}' (set data.score_columns); "
+                f"available columns: {', '.join(raw.column_names)}"
+            )
+        cols += list(cfg.score_columns)
     rows = (row for batch in raw.select_columns(cols).iter(batch_size=256) for row in zip(*batch.values()))
     counter, kept, scanned = SkipCounter(), [], 0
-    for caption, label, img0, img1 in rows:
+    for caption, label, img0, img1, *scores in rows:
         if len(kept) == cfg.max_pairs:
             break
-        reason = _row_reason(caption, label, (img0, img1), base, cfg, counter)
+        reason = _score_gap_reason(scores, cfg.min_score_gap) if scores else None
+        reason = reason or _row_reason(caption, label, (img0, img1), base, cfg, counter)
         if reason is None:
             kept.append(scanned)
         else:

@@ -1,11 +1,14 @@
-"""The offline demo: a tiny SD1.5-style pipeline and preference pairs made from real photographs.
+"""The offline demo, and a small real-photo preference set for tests.
 
-No hub access is needed. The photographs are the ones that ship inside scikit-image (``skimage/data``) and
-scikit-learn (``sklearn/datasets/images``). Each pair shows the same crop of one photograph twice: clean (the
-preferred image) and degraded by blur, noise or heavy JPEG compression (the rejected one), in random order, so
-``label_0`` is 1 or 0; about one pair in ten is a tie (two equally degraded copies, ``label_0 = 0.5``) to show
-the tie handling. The base pipeline has random weights: the demo shows the kit running end to end (loss,
-implicit-reward accuracy, checkpoints, an adapter diffusers loads), not image quality.
+``lora-dpo demo`` trains ``recipes/digits/lora_dpo.yaml`` on the committed digits world (``worlds/digits``: a small
+real text-to-image model, its digit-classifier scorer and AI-feedback preference pairs; see ``lora_dpo/world.py``)
+and evaluates the result against the base model (``lora-dpo eval``): win rate, classifier accuracy, diversity,
+implicit-reward accuracy, a side-by-side grid and the training curves.
+
+:func:`build_photo_pairs` writes preference pairs made from real photographs that ship inside scikit-image
+(``skimage/data``) and scikit-learn (``sklearn/datasets/images``): the same crop of one photograph twice, clean
+(preferred) and degraded by blur, noise or heavy JPEG compression (rejected), in random order; about one pair in
+ten is a tie. The tests use it as real RGB data of several sizes.
 """
 
 from __future__ import annotations
@@ -19,10 +22,7 @@ from PIL import Image, ImageFilter
 
 log = logging.getLogger(__name__)
 
-DEMO_DIR = Path(".demo")
-DEMO_MODEL = DEMO_DIR / "tiny-sd15"
-DEMO_DATA = DEMO_DIR / "photo_pairs.parquet"
-DEMO_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "demo" / "lora_dpo.yaml"
+DIGITS_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "digits" / "lora_dpo.yaml"
 
 # (file, caption); files from skimage/data unless marked sklearn.
 PHOTOS = [
@@ -99,13 +99,30 @@ def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 6
     return path
 
 
-def ensure_demo_assets(model_dir: Path = DEMO_MODEL, data_path: Path = DEMO_DATA) -> None:
-    """Build the tiny pipeline and the photo pairs once (a few seconds); reuse them afterwards."""
-    from lora_dpo.tiny import save_tiny_pipeline
+def run_demo(overrides: list[str] = (), seeds_per_prompt: int = 40) -> tuple[object, dict]:
+    """Train the digits recipe, then evaluate it on held-out seeds. Returns ``(TrainResult, eval report)``.
 
-    if not (model_dir / "model_index.json").is_file():
-        log.info("building the demo's tiny SD1.5-style pipeline in %s", model_dir)
-        save_tiny_pipeline(model_dir, "sd15", seed=0)
-    if not data_path.is_file():
-        log.info("building the demo's photo preference pairs in %s", data_path)
-        build_photo_pairs(data_path)
+    Raises:
+        FileNotFoundError: the digits world is missing (rebuild it with ``lora-dpo world build``).
+    """
+    from accelerate.state import AcceleratorState, PartialState
+
+    from lora_dpo.config import load_config
+    from lora_dpo.evaluate import evaluate_run
+    from lora_dpo.prompts import load_prompts
+    from lora_dpo.train import train
+    from lora_dpo.world import WORLD_DIR
+
+    if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
+        raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
+    cfg = load_config(DIGITS_RECIPE, [f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",
+                                      f"data.dataset={WORLD_DIR / 'prefs' / 'train.parquet'}", *overrides])
+    result = train(cfg)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+    log.info("evaluating %s against the base model", result.run_dir)
+    report = evaluate_run(
+        result.run_dir, scorer_spec=str(WORLD_DIR / "scorer"), prompts=load_prompts("digits"),
+        seeds_per_prompt=seeds_per_prompt, heldout_pairs=str(WORLD_DIR / "prefs" / "heldout.parquet"),
+    )
+    return result, report

@@ -39,7 +39,8 @@ def build_tokenizer(max_length: int = TOKENIZER_MAX_LENGTH):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
-def _text_config(vocab_size: int, hidden: int, projection_dim: int = 32):
+def text_config(vocab_size: int, hidden: int = 32, projection_dim: int = 32):
+    """A small ``CLIPTextConfig`` (3 layers, 4 heads, ``TOKENIZER_MAX_LENGTH`` positions)."""
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
@@ -87,12 +88,12 @@ def build_tiny_components(family: Family = "sd15", seed: int = 0) -> dict:
     components = dict(unet=unet, vae=vae, scheduler=scheduler, tokenizer=tokenizer)
     if family == "sd15":
         components.update(
-            text_encoder=CLIPTextModel(_text_config(vocab, 32)), safety_checker=None, feature_extractor=None,
+            text_encoder=CLIPTextModel(text_config(vocab, 32)), safety_checker=None, feature_extractor=None,
         )
     else:
         components.update(
-            text_encoder=CLIPTextModel(_text_config(vocab, 32)),
-            text_encoder_2=CLIPTextModelWithProjection(_text_config(vocab, 32, projection_dim=32)),
+            text_encoder=CLIPTextModel(text_config(vocab, 32)),
+            text_encoder_2=CLIPTextModelWithProjection(text_config(vocab, 32, projection_dim=32)),
             tokenizer_2=build_tokenizer(),
         )
     return components

@@ -12,7 +12,7 @@ RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").rglob("*.y
 
 def test_recipes_found():
     names = {str(p.relative_to(p.parents[1])) for p in RECIPES}
-    assert {"sd15/lora_dpo.yaml", "sdxl/lora_dpo.yaml", "demo/lora_dpo.yaml"} <= names
+    assert {"sd15/lora_dpo.yaml", "sdxl/lora_dpo.yaml", "digits/lora_dpo.yaml", "digits/sft.yaml"} <= names
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -442,3 +442,23 @@ def test_decoding_image_feature_given_directly_never_raises(tmp_path):
     pairs = PreferencePairs(ds, make_cfg(tmp_path, "unused"), seed=0)
     assert is_red(pairs[0]["pixel_values"][0]) and pairs[0]["original_size"].tolist() == [[24, 24], [64, 64]]
     assert pairs[1] == SkippedRow("undecodable_image", 1)
+
+
+def test_min_score_gap_filter(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 0, 0)).save(buf, format="PNG")
+    png = buf.getvalue()
+    rows = {"caption": ["a"] * 5, "jpg_0": [png] * 5, "jpg_1": [png] * 5, "label_0": [1.0, 0.0, 1.0, 0.0, 1.0],
+            "score_0": [0.9, 0.1, 0.55, None, 0.5], "score_1": [0.1, 0.9, 0.5, 0.2, 0.5]}
+    path = tmp_path / "scored.parquet"
+    pq.write_table(pa.table(rows), path)
+    _, report = load_preference_dataset(DataConfig(dataset=str(path), resolution=16, min_score_gap=0.3))
+    assert report["kept"] == 2 and report["skipped"] == {"small_score_gap": 2, "missing_score": 1}
+    _, report = load_preference_dataset(DataConfig(dataset=str(path), resolution=16))
+    assert report["kept"] == 5
+    with pytest.raises(ValueError, match="data.score_columns"):
+        load_preference_dataset(DataConfig(dataset=str(path), resolution=16, min_score_gap=0.3,
+                                           score_columns=("r0", "r1")))
