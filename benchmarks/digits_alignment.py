@@ -18,33 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-WORLD = ROOT / "worlds" / "digits"
 RECIPES = {"dpo": ROOT / "recipes/digits/lora_dpo.yaml", "sft": ROOT / "recipes/digits/sft.yaml"}
 
 
 def run(name: str, overrides: list[str], args) -> dict:
-    from accelerate.state import AcceleratorState, PartialState
+    from lora_dpo.demo import train_and_evaluate
 
-    from lora_dpo.config import load_config
-    from lora_dpo.evaluate import evaluate_run
-    from lora_dpo.prompts import load_prompts
-    from lora_dpo.train import train
-
-    cfg = load_config(RECIPES[name], [f"output.dir={args.out / name}", *overrides])
-    started = time.perf_counter()
-    result = train(cfg)
-    train_s = time.perf_counter() - started
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
-    report = evaluate_run(
-        result.run_dir, scorer_spec=str(WORLD / "scorer"), prompts=load_prompts("digits"),
-        seeds_per_prompt=args.seeds_per_prompt, heldout_pairs=str(WORLD / "prefs/heldout.parquet"),
-    )
-    report["train_time_s"] = train_s
+    _, report = train_and_evaluate(RECIPES[name], [f"output.dir={args.out / name}", *overrides],
+                                   args.seeds_per_prompt)
     return report
 
 

@@ -74,10 +74,10 @@ def cmd_train(args) -> int:
 
 def cmd_demo(args) -> int:
     """Train LoRA-DPO on the committed digits world, then evaluate it against the base model."""
-    from lora_dpo.demo import run_demo
+    from lora_dpo.demo import train_and_evaluate
     from lora_dpo.evaluate import format_summary
 
-    result, report = run_demo(args.overrides)
+    result, report = train_and_evaluate(overrides=args.overrides)
     print(f"trained {result.step} steps: adapter {result.adapter_path}")
     print(format_summary(report))
     return 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,11 @@ def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 6
     return path
 
 
-def run_demo(overrides: list[str] = (), seeds_per_prompt: int = 40) -> tuple[object, dict]:
-    """Train the digits recipe, then evaluate it on held-out seeds. Returns ``(TrainResult, eval report)``.
+def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] = (),
+                       seeds_per_prompt: int = 40) -> tuple[object, dict]:
+    """Train a recipe on the committed digits world, then evaluate it against the base model on held-out seeds
+    (10 digit prompts × ``seeds_per_prompt``) and the held-out preference pairs. Returns ``(TrainResult, report)``;
+    the report is :func:`lora_dpo.evaluate.evaluate_run`'s plus ``train_time_s``.
 
     Raises:
         FileNotFoundError: the digits world is missing (rebuild it with ``lora-dpo world build``).
@@ -115,14 +119,17 @@ def run_demo(overrides: list[str] = (), seeds_per_prompt: int = 40) -> tuple[obj
 
     if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
         raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
-    cfg = load_config(DIGITS_RECIPE, [f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",
-                                      f"data.dataset={WORLD_DIR / 'prefs' / 'train.parquet'}", *overrides])
+    cfg = load_config(recipe, [f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",
+                               f"data.dataset={WORLD_DIR / 'prefs' / 'train.parquet'}", *overrides])
+    started = time.perf_counter()
     result = train(cfg)
-    AcceleratorState._reset_state(reset_partial_state=True)
+    train_time_s = time.perf_counter() - started
+    AcceleratorState._reset_state(reset_partial_state=True)  # a later train() in this process starts afresh
     PartialState._reset_state()
     log.info("evaluating %s against the base model", result.run_dir)
     report = evaluate_run(
         result.run_dir, scorer_spec=str(WORLD_DIR / "scorer"), prompts=load_prompts("digits"),
         seeds_per_prompt=seeds_per_prompt, heldout_pairs=str(WORLD_DIR / "prefs" / "heldout.parquet"),
     )
+    report["train_time_s"] = train_time_s
     return result, report
