@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 WORLD_DIR = Path(__file__).resolve().parent.parent / "worlds" / "digits"
 TRAIN_SEED_OFFSET = 0  # training pairs use seeds [0, 2·pairs_per_prompt)
 HELDOUT_SEED_OFFSET = 100_000  # held-out pairs; lora-dpo eval samples from seed 10_000 on, disjoint from both
+BASE_EVAL_SEED_OFFSET = 50_000  # the build's own measurement of the base model's samples
 
 
 @dataclass
@@ -135,7 +136,8 @@ def _assemble(vae, text_encoder, tokenizer, unet, num_train_timesteps: int = 100
     )
 
 
-def sample_accuracy(pipe, scorer, seeds_per_prompt: int, cfg: WorldConfig, seed_offset: int = 50_000) -> float:
+def sample_accuracy(pipe, scorer, seeds_per_prompt: int, cfg: WorldConfig,
+                    seed_offset: int = BASE_EVAL_SEED_OFFSET) -> float:
     """Fraction of the pipeline's samples (10 digit prompts × seeds) that the classifier reads as the prompted digit."""
     from lora_dpo.prompts import digit_caption
     from lora_dpo.sampling import generate_images
@@ -286,7 +288,7 @@ def build_world(out_dir: str | Path = WORLD_DIR, cfg: WorldConfig | None = None,
     report: dict[str, Any] = {
         "config": asdict(cfg), "torch_threads": torch.get_num_threads(), "scorer": scorer_report, "vae": vae_report,
         "unet": unet_report, "base_sample_accuracy": final_accuracy,
-        "base_sample_accuracy_settings": {"seeds_per_prompt": cfg.final_eval_seeds_per_prompt, "seed_offset": 50_000,
+        "base_sample_accuracy_settings": {"seeds_per_prompt": cfg.final_eval_seeds_per_prompt, "seed_offset": BASE_EVAL_SEED_OFFSET,
                                           "steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale},
         "prefs": prefs_report,
     }
