@@ -44,6 +44,7 @@ def cmd_validate(args) -> int:
     print(f"  data:  {cfg.data.dataset}: {json.dumps(report)}")
     print(f"  effective batch: {cfg.train.batch_size} pairs × {cfg.train.gradient_accumulation_steps} accumulation × "
           f"{world} processes = {cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world} pairs per step")
+    print(f"  mode: {cfg.train.mode}, loss {cfg.loss.type}, optimizer {cfg.optim.name}")
     print(f"  run folder: {cfg.run_dir}")
     return 0
 
@@ -61,7 +62,10 @@ def _run_training(cfg) -> int:
     shown = {k: round(result.final_metrics[k], 4) for k in ("loss", "rewards/accuracies", "rewards/margins")
              if k in result.final_metrics}
     print(f"done: {result.step} steps, final {json.dumps(shown)}")
-    print(f"adapter: {result.adapter_path}  (pipe.load_lora_weights('{result.run_dir}'))")
+    if cfg.train.mode == "full":
+        print(f"pipeline: {result.run_dir}  (DiffusionPipeline.from_pretrained('{result.run_dir}'))")
+    else:
+        print(f"adapter: {result.adapter_path}  (pipe.load_lora_weights('{result.run_dir}'))")
     print(f"metrics: {result.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {result.run_dir / 'logs'})")
     return 0
 

@@ -69,6 +69,20 @@ class DataConfig(_Section):
     cache_dir: str | None = None
 
 
+class ReferenceConfig(_Section):
+    """The frozen reference of full fine-tuning (``train.mode: full``): a copy of the base UNet.
+
+    In LoRA mode the reference is the UNet with its adapter disabled and costs no memory; these keys then must
+    stay at their defaults. ``dtype: auto`` is the weight dtype of ``train.mixed_precision`` (fp32 without mixed
+    precision). A lower-precision reference under a higher-precision policy saves memory but makes the two differ
+    from step 0 by the rounding of the weights: ``u`` is then not exactly 0 at step 0 (measured in the README).
+    ``offload: true`` keeps the copy in CPU memory and streams each layer's weights to the GPU for the reference
+    forward (accelerate's ``cpu_offload``): less GPU memory, more step time."""
+
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    offload: bool = False
+
+
 class LossConfig(_Section):
     """Diffusion-DPO loss, ``u = -0.5·β·[(e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l))]`` (DESIGN.md §1).
 
@@ -81,7 +95,11 @@ class LossConfig(_Section):
 
 
 class OptimConfig(_Section):
-    name: Literal["adamw", "adamw8bit"] = "adamw8bit"
+    """``adamw`` (torch), ``adamw8bit`` (bitsandbytes), or ``adafactor`` (transformers, with
+    ``scale_parameter=False, relative_step=False`` as the official SDXL runs: ``lr`` is used as given; ``betas`` and
+    ``eps`` do not apply to it)."""
+
+    name: Literal["adamw", "adamw8bit", "adafactor"] = "adamw8bit"
     lr: float = Field(1e-5, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
@@ -92,6 +110,9 @@ class OptimConfig(_Section):
 
 
 class TrainConfig(_Section):
+    # lora: the policy is the base UNet + a LoRA adapter, the reference is the adapter disabled (one UNet in
+    # memory). full: the whole UNet is trained (fp32 master weights) against a frozen copy (see `reference`).
+    mode: Literal["lora", "full"] = "lora"
     max_steps: int = Field(2000, gt=0)
     # Pairs per device per micro-step; effective batch = batch_size × gradient_accumulation_steps × processes.
     batch_size: int = Field(1, gt=0)
@@ -127,6 +148,7 @@ class RecipeConfig(_Section):
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraConfig = Field(default_factory=LoraConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig = Field(default_factory=LossConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
@@ -150,8 +172,11 @@ class RecipeConfig(_Section):
                 "optim.lr_warmup_steps is set but optim.lr_scheduler=constant ignores it; "
                 "use optim.lr_scheduler=constant_with_warmup"
             )
-        if self.optim.name == "adamw8bit" and self.train.mixed_precision == "fp16":
-            pass  # supported: bitsandbytes keeps its state in 8 bit, parameters stay fp32
+        if self.train.mode == "lora" and self.reference != ReferenceConfig():
+            raise ValueError(
+                "reference.dtype / reference.offload apply to train.mode=full; in LoRA mode the reference is the UNet "
+                "with its adapter disabled and costs no memory. Remove them or set train.mode=full"
+            )
         if self.train.resume_from is not None and self.output.overwrite:
             raise ValueError("train.resume_from and output.overwrite=true contradict each other: choose one")
         return self

@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
     Raises:
         FileNotFoundError: no data at ``heldout_pairs`` or no exported adapter. ValueError: no usable pair.
     """
-    from lora_dpo.adapters import add_lora, load_lora_state_dict
+    from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict
     from lora_dpo.data import PreferencePairs, collate_pairs, load_preference_dataset
     from lora_dpo.export import WEIGHT_NAME
     from lora_dpo.models import load_components
@@ -150,6 +151,7 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
     add_lora(components.unet, cfg.lora)
     load_lora_state_dict(components.unet, state)
     components.unet.eval()
+    reference = partial(adapters_disabled, components.unet)
     accelerator = _EvalAccelerator(device, dtype)
     loader = torch.utils.data.DataLoader(PreferencePairs(dataset, data_cfg, seed), batch_size=batch_size,
                                          shuffle=False, collate_fn=collate_pairs)
@@ -163,7 +165,7 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
             per_draw = []
             for k in range(draws):
                 generator = torch.Generator(device).manual_seed(_draw_seed(seed, b, k))
-                _, metrics = dpo_micro_step(components, components.unet, components.unet, batch, generator,
+                _, metrics = dpo_micro_step(components, components.unet, reference, batch, generator,
                                             cfg.loss.beta, accelerator, dtype)
                 per_draw.append(metrics["rewards/margins"].double().cpu())
             margins.append(torch.stack(per_draw, dim=1))  # (B, K)

@@ -1,5 +1,6 @@
-"""The exported adapter: ``pytorch_lora_weights.safetensors`` in the diffusers format, with the LoRA metadata
-(``r``, ``lora_alpha``, ``target_modules``) that ``pipe.load_lora_weights`` reads, and a model card."""
+"""What a run exports: a LoRA adapter (``pytorch_lora_weights.safetensors`` in the diffusers format, with the LoRA
+metadata ``r``, ``lora_alpha``, ``target_modules`` that ``pipe.load_lora_weights`` reads) or, for full
+fine-tuning, a whole diffusers pipeline folder; and a model card."""
 
 from __future__ import annotations
 
@@ -42,17 +43,40 @@ def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str) 
     return save_dir / WEIGHT_NAME
 
 
+def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, family: str) -> Path:
+    """Write a complete diffusers pipeline into ``save_dir``: the tuned UNet (fp32) and the base's other parts.
+
+    The VAE, text encoder(s), tokenizer(s), scheduler (and SD1.5's safety checker, if the base has one) are
+    re-read from ``model_cfg.pretrained_model_name_or_path`` in fp32, not taken from training, where they may
+    sit in half precision. ``StableDiffusionPipeline.from_pretrained(save_dir)`` (or the SDXL class) opens the
+    result. Returns the path of ``model_index.json``.
+    """
+    cls = pipeline_class(family)
+    pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, unet=unet, revision=model_cfg.revision,
+                               variant=model_cfg.variant)
+    pipe.save_pretrained(save_dir, safe_serialization=True)
+    return Path(save_dir) / "model_index.json"
+
+
 def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
     """A Hugging Face style ``README.md`` for the run folder: base model, data, recipe, final metrics, how to load."""
     base = cfg.model.pretrained_model_name_or_path
     cls = pipeline_class(family).__name__
     shown = {k: final_metrics[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final_metrics}
+    if cfg.train.mode == "full":
+        what = f"A fully fine-tuned UNet (a complete diffusers pipeline folder) from `{base}`"
+        use = f"pipe = {cls}.from_pretrained(\"path/to/this/folder\")"
+        kind = "full-finetune"
+    else:
+        what = f"A LoRA adapter (rank {cfg.lora.r}, alpha {cfg.lora.lora_alpha}) for `{base}`"
+        use = f"pipe = {cls}.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"path/to/this/folder\")"
+        kind = "lora"
     text = f"""---
 base_model: {base}
 library_name: diffusers
 license: other
 tags:
-- lora
+- {kind}
 - diffusion-dpo
 - text-to-image
 - {"stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"}
@@ -60,7 +84,7 @@ tags:
 
 # {cfg.output.run_name}
 
-A LoRA adapter (rank {cfg.lora.r}, alpha {cfg.lora.lora_alpha}) for `{base}`, trained with Diffusion-DPO
+{what}, trained with Diffusion-DPO
 (Wallace et al., CVPR 2024) by lora-dpo.
 
 - Data: `{cfg.data.dataset}` (split `{cfg.data.split}`), {data_report.get("kept", "?")} pairs kept of
@@ -74,8 +98,7 @@ A LoRA adapter (rank {cfg.lora.r}, alpha {cfg.lora.lora_alpha}) for `{base}`, tr
 
 ```python
 from diffusers import {cls}
-pipe = {cls}.from_pretrained("{base}")
-pipe.load_lora_weights("path/to/this/folder")
+{use}
 image = pipe("a photo of a cat").images[0]
 ```
 """

@@ -97,7 +97,8 @@ class Components:
         return float(self.vae.config.scaling_factor)
 
 
-def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device | str = "cpu") -> Components:
+def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device | str = "cpu",
+                    unet_dtype: torch.dtype | None = None) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler; freeze all of them.
 
     Args:
@@ -105,6 +106,8 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
         weight_dtype: dtype of the frozen weights (fp32, or fp16/bf16 under mixed precision). Trainable
             parameters are cast back to fp32 later (``adapters.add_lora``).
         device: where the modules are placed.
+        unet_dtype: the UNet's dtype when it differs from ``weight_dtype`` (fp32 for full fine-tuning, whose
+            master weights must not start from rounded ones).
 
     Raises:
         ModelLoadError: see :func:`read_model_index`; a prediction type other than epsilon / v_prediction.
@@ -133,7 +136,7 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
     elif family == "sdxl" and weight_dtype == torch.float16:
         vae_dtype = torch.float32  # the original SDXL VAE overflows in fp16
 
-    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=weight_dtype, **wkw)
+    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=unet_dtype or weight_dtype, **wkw)
     vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=vae_dtype, **wkw)
     tokenizers = [AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)]
     text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=weight_dtype, **wkw)]

@@ -1,4 +1,4 @@
-"""Optimizers (AdamW, 8-bit AdamW from bitsandbytes) and learning-rate schedules with warmup."""
+"""Optimizers (AdamW, 8-bit AdamW from bitsandbytes, Adafactor from transformers) and LR schedules with warmup."""
 
 from __future__ import annotations
 
@@ -22,7 +22,14 @@ def check_optimizer_available(optim_cfg) -> None:
 
 
 def build_optimizer(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.Optimizer:
-    """AdamW (``adamw``) or bitsandbytes' 8-bit AdamW (``adamw8bit``), from :class:`~lora_dpo.config.OptimConfig`.
+    """The optimizer named by :class:`~lora_dpo.config.OptimConfig` over ``params``.
+
+    - ``adamw``: ``torch.optim.AdamW`` (two fp32 moments per parameter: 8 bytes/parameter of state).
+    - ``adamw8bit``: bitsandbytes' ``AdamW8bit`` (blockwise 8-bit moments, about 2 bytes/parameter; tensors under
+      4096 elements keep 32-bit state).
+    - ``adafactor``: ``transformers.Adafactor`` with a fixed learning rate (``scale_parameter=False,
+      relative_step=False``, update clipping 1.0), as the official Diffusion-DPO SDXL runs; factored second
+      moments (row + column statistics per matrix), no first moment: the smallest state of the three.
 
     Raises:
         ImportError: ``adamw8bit`` without a working bitsandbytes install (the message says what to do).
@@ -30,6 +37,11 @@ def build_optimizer(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.
     kw = dict(lr=optim_cfg.lr, betas=tuple(optim_cfg.betas), eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay)
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(params, **kw)
+    if optim_cfg.name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, clip_threshold=1.0,
+                         scale_parameter=False, relative_step=False, warmup_init=False)
     return _import_bitsandbytes().optim.AdamW8bit(params, **kw)
 
 

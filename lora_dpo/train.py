@@ -1,6 +1,7 @@
-"""The LoRA Diffusion-DPO recipe: setup in a commented order, then one explicit loop, top to bottom.
+"""The Diffusion-DPO recipe: setup in a commented order, then one explicit loop, top to bottom.
 
-Policy = base UNet + trainable LoRA; reference = the same UNet with the adapter disabled (DESIGN.md §1, §3).
+Policy and reference come from :mod:`lora_dpo.policy`: base UNet + trainable LoRA against the same UNet with the
+adapter disabled (``train.mode: lora``), or the whole UNet against a frozen copy (``train.mode: full``).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import resource
 import shutil
 import signal
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,10 +23,9 @@ from typing import Any
 import torch
 
 from lora_dpo import checkpoint as ckpt
-from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
 from lora_dpo.config import ConfigError, RecipeConfig
 from lora_dpo.data import build_dataloader, load_preference_dataset
-from lora_dpo.export import save_lora_adapter, write_model_card
+from lora_dpo.export import write_model_card
 from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from lora_dpo.models import (
     DTYPES,
@@ -37,6 +38,7 @@ from lora_dpo.models import (
     unet_conditioning,
 )
 from lora_dpo.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
+from lora_dpo.policy import Policy, build_policy
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +55,10 @@ class TrainResult:
     step: int
     final_metrics: dict[str, float] = field(default_factory=dict)
     interrupted: str | None = None  # "SIGINT"/"SIGTERM" when stopped by a signal (a checkpoint was saved)
+    # The export: the adapter file (LoRA mode) or the pipeline's model_index.json (full mode); None if interrupted.
     adapter_path: Path | None = None
-    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained UNet (adapter attached)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the trained UNet (adapter attached in LoRA mode)
+    policy: Policy | None = field(default=None, repr=False)  # the policy and its reference, as trained
     is_main_process: bool = True
 
 
@@ -103,40 +107,48 @@ class PairStream:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped_in_training": self.skipped}
 
 
-def dpo_micro_step(components: Components, unet, base_unet, batch, generator: torch.Generator, beta: float,
-                   accelerator, weight_dtype: torch.dtype, loss_type: str = "sigmoid"):
+def dpo_micro_step(components: Components, unet, reference: Callable[[], AbstractContextManager[torch.nn.Module]],
+                   batch, generator: torch.Generator, beta: float, accelerator, weight_dtype: torch.dtype,
+                   loss_type: str = "sigmoid"):
     """Policy and reference errors for one micro-batch of ``B`` pairs, and the loss per pair.
 
     One timestep and one noise draw per pair, shared by its two images (DESIGN.md §1 step 2). The reference pass
-    runs first, under ``no_grad`` with the adapter disabled; the policy pass (with grad) follows, so the adapter is
-    enabled again before ``backward()`` re-runs checkpointed segments. ``loss_type="sft"`` runs only the preferred
-    images through the policy and no reference pass (the draws are the same, so runs stay comparable).
+    runs first, under ``no_grad`` inside ``reference()`` (:meth:`lora_dpo.policy.Policy.reference`: the adapter
+    disabled, or the frozen copy); the policy pass (with grad) follows, so an adapter is enabled again before
+    ``backward()`` re-runs checkpointed segments. ``loss_type="sft"`` encodes and runs only the ``B`` preferred
+    images through the policy, with no reference pass.
 
+    Args:
+        unet: the policy as called for training (possibly wrapped by accelerate/DDP).
+        reference: a no-argument callable returning a context manager that yields the reference UNet.
+        batch: a :class:`lora_dpo.data.PairBatch` (``2B`` images, preferred first).
     Returns:
         ``(loss (B,), metrics dict of (B,) tensors)`` from :mod:`lora_dpo.losses`.
     """
     device = accelerator.device
     batch = batch.to(device)
     num_pairs = batch.num_pairs
-    latents = encode_images(components, batch.pixel_values, generator)  # (2B, 4, h, w), preferred first
+    sft = loss_type == "sft"
+    images = batch.pixel_values[:num_pairs] if sft else batch.pixel_values
+    latents = encode_images(components, images, generator)  # (2B, 4, h, w), preferred first; (B, ...) for SFT
     gen_device = generator.device
     noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=gen_device).to(device)
     timesteps = torch.randint(
         0, components.noise_scheduler.config.num_train_timesteps, (num_pairs,), generator=generator, device=gen_device
     ).to(device)
-    noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    if not sft:
+        noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
     target = training_target(components, latents, noise, timesteps)
     cond = unet_conditioning(components, encode_prompts(components, batch.captions), batch, weight_dtype)
 
-    if loss_type == "sft":
-        preferred = slice(0, num_pairs)
-        cond_w = {k: _rows(v, preferred) for k, v in cond.items()}
+    if sft:
+        cond = {k: _rows(v, slice(0, num_pairs)) for k, v in cond.items()}
         with accelerator.autocast():
-            pred = unet(noisy[preferred], timesteps[preferred], **cond_w).sample
-        return sft_loss(per_sample_mse(pred, target[preferred]))
-    with torch.no_grad(), adapters_disabled(base_unet), accelerator.autocast():
-        ref_pred = base_unet(noisy, timesteps, **cond).sample
+            pred = unet(noisy, timesteps, **cond).sample
+        return sft_loss(per_sample_mse(pred, target))
+    with torch.no_grad(), reference() as ref_unet, accelerator.autocast():
+        ref_pred = ref_unet(noisy, timesteps, **cond).sample
     with accelerator.autocast():
         pred = unet(noisy, timesteps, **cond).sample
     return diffusion_dpo_loss(per_sample_mse(pred, target), per_sample_mse(ref_pred, target), beta)
@@ -147,25 +159,44 @@ def _rows(value, rows: slice):
     return {k: v[rows] for k, v in value.items()} if isinstance(value, dict) else value[rows]
 
 
-def setup_policy(cfg: RecipeConfig, device) -> tuple[Components, list[torch.nn.Parameter], torch.dtype]:
-    """Load the frozen components in the weight dtype of ``train.mixed_precision`` and attach the LoRA policy.
+def setup_policy(cfg: RecipeConfig, device, components: Components | None = None) -> tuple[Components, Policy, torch.dtype]:
+    """Load the frozen components in the weight dtype of ``train.mixed_precision`` and build the policy.
 
-    Returns ``(components, trainable parameters (fp32), weight dtype)``; the UNet is in train mode, with gradient
-    checkpointing when ``train.gradient_checkpointing``.
+    Args:
+        components: already built components to use instead of loading ``cfg.model`` (the benchmarks pass
+            random-weight real-size ones; in full mode their UNet must be fp32).
+    Returns:
+        ``(components, policy, weight dtype)``: see :func:`lora_dpo.policy.build_policy`.
     """
     weight_dtype = DTYPES[cfg.train.mixed_precision]
-    components = load_components(cfg.model, weight_dtype, device)
-    params = add_lora(components.unet, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-    components.unet.train()
-    return components, params, weight_dtype
+    if components is None:
+        unet_dtype = torch.float32 if cfg.train.mode == "full" else weight_dtype
+        components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype)
+    return components, build_policy(cfg, components.unet, device), weight_dtype
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for :func:`peak_memory_gb`: CUDA's max-allocated counter, or this process's peak RSS
+    (Linux ``/proc/self/clear_refs``; elsewhere the peak keeps counting from the process start)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def peak_memory_gb(device: torch.device) -> float:
-    """CUDA max allocated on a GPU, peak resident set size of this process on the CPU, in GiB."""
+    """CUDA max allocated on a GPU; on the CPU the peak resident set size of this process (``VmHWM``), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
@@ -268,14 +299,14 @@ def train(cfg: RecipeConfig) -> TrainResult:
     if accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
 
-    # 3. Models: frozen components in the weight dtype; the policy's LoRA in fp32.
-    components, params, weight_dtype = setup_policy(cfg, accelerator.device)
+    # 3. Models: frozen components in the weight dtype; the policy's trainable weights in fp32, and its reference.
+    components, policy, weight_dtype = setup_policy(cfg, accelerator.device)
+    params = policy.params
 
     # 4. Optimizer and schedule (one schedule step per optimizer step).
     optimizer = build_optimizer(params, cfg.optim)
     lr_scheduler = build_lr_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
-    unet, optimizer = accelerator.prepare(components.unet, optimizer)
-    base_unet = accelerator.unwrap_model(unet)
+    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
     scaler = accelerator.scaler
 
     # 5. Resume: weights, optimizer, schedule, RNG, data position.
@@ -284,7 +315,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         weights, data_state = ckpt.load_checkpoint(
             resume_path, optimizer=optimizer.optimizer, lr_scheduler=lr_scheduler, scaler=scaler, generator=generator
         )
-        load_lora_state_dict(base_unet, weights)
+        policy.load_trainable_state_dict(weights)
         step = data_state["step"]
         log.info("resumed from %s at step %d", resume_path, step)
     stream = PairStream(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, world, rank,
@@ -305,8 +336,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="lora-dpo", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     log.info(
-        "training %s (%s) on %d pairs: %d steps × %d pairs × %d accumulation × %d processes",
-        cfg.model.pretrained_model_name_or_path, components.family, len(dataset), cfg.train.max_steps,
+        "training %s (%s, %s mode, %.1fM trainable parameters) on %d pairs: %d steps × %d pairs × %d accumulation "
+        "× %d processes", cfg.model.pretrained_model_name_or_path, components.family, policy.mode,
+        sum(p.numel() for p in params) / 1e6, len(dataset), cfg.train.max_steps,
         cfg.train.batch_size, cfg.train.gradient_accumulation_steps, world,
     )
 
@@ -314,7 +346,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         path = None
         if accelerator.is_main_process:
             path = ckpt.save_checkpoint(
-                run_dir, at_step, weights=lora_state_dict(base_unet), optimizer=optimizer.optimizer,
+                run_dir, at_step, weights=policy.trainable_state_dict(), optimizer=optimizer.optimizer,
                 lr_scheduler=lr_scheduler, scaler=scaler, generator=generator, trainer_state=stream.state(),
                 recipe_yaml=cfg.to_yaml(), total_limit=cfg.train.checkpoints_total_limit,
             )
@@ -334,7 +366,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
                 batch = stream.next()
                 sync = micro == accum - 1
                 with nullcontext() if sync else accelerator.no_sync(unet):
-                    loss, metrics = dpo_micro_step(components, unet, base_unet, batch, generator,
+                    loss, metrics = dpo_micro_step(components, unet, policy.reference, batch, generator,
                                                    cfg.loss.beta, accelerator, weight_dtype, cfg.loss.type)
                     if not torch.isfinite(loss).all():
                         last = ckpt.list_checkpoints(run_dir)
@@ -392,16 +424,17 @@ def train(cfg: RecipeConfig) -> TrainResult:
     if writer is not None:
         writer.close()
 
-    # 8. Export: the adapter in the diffusers format, the resolved recipe (already written), the model card.
-    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped, model=base_unet,
-                         is_main_process=accelerator.is_main_process)
+    # 8. Export: the adapter (or full pipeline) in the diffusers format, the resolved recipe (already written),
+    # the model card.
+    result = TrainResult(run_dir=run_dir, step=step, final_metrics=final, interrupted=stopped, model=policy.unet,
+                         policy=policy, is_main_process=accelerator.is_main_process)
     if stopped:
         log.warning("stopped by %s at step %d; resume with train.resume_from=latest", stopped, step)
         return result
     if accelerator.is_main_process:
         data_report = {**data_report, "skipped_in_training": stream.skipped}
         (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
-        result.adapter_path = save_lora_adapter(run_dir, base_unet, components.family)
+        result.adapter_path = policy.export(run_dir, cfg, components.family)
         write_model_card(run_dir, cfg, components.family, final, data_report)
     accelerator.wait_for_everyone()
     return result

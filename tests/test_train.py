@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_dpo.adapters import add_lora, load_lora_state_dict
+from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
 from lora_dpo.export import pipeline_class
@@ -220,7 +221,7 @@ def test_dpo_step_learns_the_preference_on_a_fixed_draw(tiny_sd15, photo_pairs):
     history = []
     for _ in range(15):
         generator = torch.Generator().manual_seed(0)  # the same draw every step
-        loss, m = dpo_micro_step(comps, comps.unet, comps.unet, batch, generator, 5000.0, accelerator, torch.float32)
+        loss, m = dpo_micro_step(comps, comps.unet, partial(adapters_disabled, comps.unet), batch, generator, 5000.0, accelerator, torch.float32)
         optimizer.zero_grad()
         loss.mean().backward()
         optimizer.step()
@@ -294,7 +295,7 @@ def test_sft_trains_on_preferred_images_without_reference(tiny_sd15, photo_pairs
     handle = result.model.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[0]))
     try:
         generator = torch.Generator().manual_seed(0)
-        sft, _ = dpo_micro_step(_components(cfg, result.model), result.model, result.model, batch, generator,
+        sft, _ = dpo_micro_step(_components(cfg, result.model), result.model, None, batch, generator,
                                 5000.0, Accelerator(), torch.float32, "sft")
     finally:
         handle.remove()

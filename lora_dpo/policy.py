@@ -1,0 +1,167 @@
+"""The trained UNet (the policy) and its DPO reference, in the two training modes: the one place they differ.
+
+- ``train.mode: lora``: policy = the base UNet + a fresh LoRA adapter (fp32); reference = the same UNet with the
+  adapter disabled (:func:`lora_dpo.adapters.adapters_disabled`). One UNet in memory; exact while the adapter
+  starts at zero.
+- ``train.mode: full``: policy = the whole UNet, trained in fp32 (the master weights; mixed precision runs the
+  forward under autocast); reference = a frozen copy of the UNet taken before the first step, in
+  ``reference.dtype``, optionally kept in CPU memory (``reference.offload``). This is the shape of the official
+  Diffusion-DPO code (Wallace et al. 2023, §5; ``ref_unet``).
+
+Everything else (data, loss, metrics, checkpoints, resume) is shared; the training loop only asks a
+:class:`Policy` for its parameters, its reference, its trainable state and its export.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
+from lora_dpo.models import DTYPES
+
+log = logging.getLogger(__name__)
+
+
+def frozen_copy(unet: torch.nn.Module, dtype: torch.dtype, device: torch.device | str) -> torch.nn.Module:
+    """A frozen copy of a diffusers UNet, built directly in ``dtype`` on ``device`` (no grad, in ``unet``'s mode).
+
+    The copy is made on the meta device and filled with cast copies of ``unet``'s tensors, so no transient second
+    fp32 copy is ever allocated. It shares no storage with ``unet``: training the original leaves it unchanged.
+    It keeps ``unet``'s train/eval mode: some CPU kernels (channels-last inputs) round differently in the two
+    modes, and the reference must compute exactly what the untrained policy computes (u = 0 at step 0), as the
+    disabled-adapter reference of LoRA mode does, being the same module. SD UNets have no dropout.
+
+    Raises:
+        RuntimeError: a tensor of the copy was not filled (a buffer outside the state dict).
+    """
+    with torch.device("meta"):
+        copy = type(unet).from_config(unet.config)
+    state = {
+        name: t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, copy=True)
+        for name, t in unet.state_dict().items()
+    }
+    copy.load_state_dict(state, strict=True, assign=True)
+    unfilled = [n for n, t in [*copy.named_parameters(), *copy.named_buffers()] if t.is_meta]
+    if unfilled:
+        raise RuntimeError(f"frozen_copy left tensors unfilled: {unfilled[:3]}")
+    return copy.requires_grad_(False).train(unet.training)
+
+
+@dataclass
+class Policy:
+    """What the training loop trains, and the reference it is compared against.
+
+    Attributes:
+        mode: ``"lora"`` or ``"full"``.
+        unet: the trained UNet (the module, not an accelerate/DDP wrapper of it).
+        params: its trainable parameters, fp32 (LoRA A/B matrices, or every UNet parameter).
+        frozen_reference: full mode's frozen copy; None in LoRA mode and for ``loss.type=sft`` (no reference).
+        reference_autocast: ``(device type, dtype)`` to run the frozen copy under when its dtype is not the one
+            mixed precision computes in (e.g. a bf16 copy under an fp32 policy); None otherwise.
+    """
+
+    mode: str
+    unet: torch.nn.Module
+    params: list[torch.nn.Parameter]
+    frozen_reference: torch.nn.Module | None = None
+    reference_autocast: tuple[str, torch.dtype] | None = None
+
+    @contextmanager
+    def reference(self) -> Iterator[torch.nn.Module]:
+        """The reference UNet inside the block: the adapter-disabled UNet (restored on exit) or the frozen copy.
+
+        Use it under ``torch.no_grad()``. Raises RuntimeError when the policy was built without a reference.
+        """
+        if self.mode == "lora":
+            with adapters_disabled(self.unet) as unet:
+                yield unet
+        elif self.frozen_reference is None:
+            raise RuntimeError("this policy was built without a reference (loss.type=sft needs none)")
+        elif self.reference_autocast is None:
+            yield self.frozen_reference
+        else:
+            with torch.autocast(self.reference_autocast[0], dtype=self.reference_autocast[1]):
+                yield self.frozen_reference
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained weights for a checkpoint: the adapter (PEFT names) or the whole UNet, on the CPU."""
+        if self.mode == "lora":
+            return lora_state_dict(self.unet)
+        return {k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore :meth:`trainable_state_dict` in place (the reference is never touched).
+
+        Raises:
+            ValueError: the state does not fit (made with another ``lora`` section, or in the other mode).
+        """
+        if self.mode == "lora":
+            load_lora_state_dict(self.unet, state)
+            return
+        try:
+            self.unet.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ValueError(
+                f"checkpoint does not hold this UNet's full weights ({str(exc).splitlines()[0]}); was it made "
+                "with train.mode=lora? Resume with the recipe.yaml saved in the run folder"
+            ) from exc
+
+    def export(self, run_dir: str | Path, cfg, family: str) -> Path:
+        """The small artifact other tools open, written into ``run_dir``; returns its path.
+
+        LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(run_dir)``). Full: a complete
+        diffusers pipeline folder (``model_index.json``, ``unet/`` with the tuned fp32 weights, and the base's
+        other components), which ``DiffusionPipeline.from_pretrained(run_dir)`` opens.
+        """
+        from lora_dpo.export import save_full_pipeline, save_lora_adapter
+
+        if self.mode == "lora":
+            return save_lora_adapter(run_dir, self.unet, family)
+        return save_full_pipeline(run_dir, self.unet, cfg.model, family)
+
+
+def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Policy:
+    """Turn a loaded UNet into the policy of ``cfg.train.mode`` (in place), with its reference.
+
+    Args:
+        cfg: the :class:`lora_dpo.config.RecipeConfig` (``train.mode``, ``lora``, ``reference``,
+            ``train.mixed_precision``, ``train.gradient_checkpointing``, ``loss.type``).
+        unet: the base UNet as loaded (full mode needs it in fp32: pass ``unet_dtype=torch.float32`` to
+            :func:`lora_dpo.models.load_components`; otherwise the master weights would start from rounded ones).
+        device: where the reference runs.
+    Returns:
+        A :class:`Policy` whose UNet is in train mode, with gradient checkpointing if asked.
+    Raises:
+        ValueError: full mode with a UNet not in fp32; LoRA ``target_modules`` that match nothing.
+    """
+    frozen, autocast = None, None
+    if cfg.train.mode == "lora":
+        params = add_lora(unet, cfg.lora)
+    else:
+        unet.train()  # before the copy, which keeps this mode
+        if next(unet.parameters()).dtype != torch.float32:
+            raise ValueError("train.mode=full trains fp32 master weights: load the UNet with unet_dtype=float32")
+        if cfg.loss.type != "sft":
+            compute_dtype = DTYPES[cfg.train.mixed_precision]
+            ref_dtype = compute_dtype if cfg.reference.dtype == "auto" else DTYPES[cfg.reference.dtype]
+            frozen = frozen_copy(unet, ref_dtype, "cpu" if cfg.reference.offload else device)
+            if ref_dtype not in (compute_dtype, torch.float32):  # an fp32 copy runs under the policy's autocast
+                autocast = (torch.device(device).type, ref_dtype)
+            if cfg.reference.offload:  # on a CPU-only machine the hooks change nothing but are exercised
+                from accelerate import cpu_offload
+
+                cpu_offload(frozen, execution_device=torch.device(device))
+            log.info("reference: frozen copy of the UNet in %s%s", ref_dtype,
+                     ", offloaded to CPU memory" if cfg.reference.offload else "")
+        unet.requires_grad_(True)
+        params = list(unet.parameters())
+    if cfg.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    return Policy(cfg.train.mode, unet, params, frozen, autocast)
