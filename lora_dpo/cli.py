@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError, ImportError) as exc:
+    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError, ImportError, NotImplementedError) as exc:
         if args.traceback:
             raise
         print(f"error: {exc}", file=sys.stderr)

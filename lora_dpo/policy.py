@@ -149,7 +149,7 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Poli
             raise ValueError("train.mode=full trains fp32 master weights: load the UNet with unet_dtype=float32")
         if cfg.loss.type != "sft":
             compute_dtype = DTYPES[cfg.train.mixed_precision]
-            ref_dtype = compute_dtype if cfg.reference.dtype == "auto" else DTYPES[cfg.reference.dtype]
+            ref_dtype = torch.float32 if cfg.reference.dtype == "auto" else DTYPES[cfg.reference.dtype]
             frozen = frozen_copy(unet, ref_dtype, "cpu" if cfg.reference.offload else device)
             if ref_dtype not in (compute_dtype, torch.float32):  # an fp32 copy runs under the policy's autocast
                 autocast = (torch.device(device).type, ref_dtype)

@@ -33,6 +33,27 @@ def test_research_defaults():
     assert (sd15.train.batch_size, sdxl.train.batch_size, sdxl.data.resolution) == (16, 8, 1024)
 
 
+def test_official_full_finetune_launchers():
+    root = RECIPES[0].parents[1]
+    sd15, sdxl = load_config(root / "sd15/full_dpo.yaml"), load_config(root / "sdxl/full_dpo.yaml")
+    for cfg, warmup, optim in ((sd15, 500, "adamw"), (sdxl, 200, "adafactor")):
+        effective = cfg.train.batch_size * cfg.train.gradient_accumulation_steps * 16  # 16 GPUs
+        assert (cfg.train.mode, cfg.loss.beta, effective) == ("full", 5000, 2048)
+        assert cfg.optim.lr == pytest.approx(1e-8 * effective)  # the launchers' --learning_rate 1e-8 --scale_lr
+        assert (cfg.optim.lr_scheduler, cfg.optim.lr_warmup_steps, cfg.optim.name) == ("constant_with_warmup", warmup, optim)
+        assert cfg.train.max_steps == 2000
+    assert sdxl.train.gradient_checkpointing and sdxl.data.resolution == 1024
+
+
+def test_reference_options_belong_to_full_mode():
+    with pytest.raises(ConfigError, match="apply to train.mode=full"):
+        load_config(None, ["reference.offload=true"])
+    cfg = load_config(None, ["train.mode=full", "reference.dtype=bfloat16", "reference.offload=true"])
+    assert (cfg.reference.dtype, cfg.reference.offload) == ("bfloat16", True)
+    with pytest.raises(ConfigError, match="did you mean 'full'"):
+        load_config(None, ["train.mode=ful"])
+
+
 def test_overrides_are_typed():
     cfg = load_config(None, ["optim.lr=2e-5", "train.gradient_checkpointing=false", "lora.target_modules=[to_q, to_v]",
                              "train.resume_from=latest", "data.max_pairs=10"])

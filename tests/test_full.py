@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import ROOT, _args, _metrics, _unet_inputs
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
 from lora_dpo.export import pipeline_class
 from lora_dpo.models import load_components
 from lora_dpo.train import train
-from test_train import ROOT, _args, _metrics, _unet_inputs
 
 
 def _full(model, data, out, *extra):
@@ -60,6 +60,12 @@ def test_reference_copy_stays_frozen(tiny_sd15, photo_pairs, tmp_path):
     # no storage is shared between policy and reference
     policy_ptrs = {p.data_ptr() for p in result.model.parameters()}
     assert not policy_ptrs & {p.data_ptr() for p in ref.parameters()}
+
+
+def test_eval_refuses_a_full_run_clearly(tiny_sd15, photo_pairs, tmp_path, capsys):
+    train(load_config(None, _full(tiny_sd15, photo_pairs, tmp_path / "run", "train.max_steps=1")))
+    assert main(["eval", str(tmp_path / "run"), "--scorer", "jpeg"]) == 2
+    assert "full fine-tuning run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode,optim", [("full", "adamw"), ("full", "adamw8bit"), ("full", "adafactor"),

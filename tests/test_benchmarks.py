@@ -1,0 +1,35 @@
+"""The step-cost benchmark runs on the tiny architectures (a smoke test of its output, not of its timings)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_step_cost_reports_every_mode(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/step_cost.py"), "--arch", "tiny", "--pairs", "2", "--steps", "1",
+         "--warmup", "1", "--optim", "adamw", "adafactor", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["mode"], r["optim"]) for r in rows] == [
+        (m, o) for m in ("lora-dpo", "lora-sft", "full-dpo", "full-sft") for o in ("adamw", "adafactor")]
+    for r in rows:
+        assert "error" not in r, r
+        assert r["images_through_unet"] == 4 and r["step_time_s"] > 0 and r["peak_memory_gb"] > 0
+        assert r["flops_per_step"] > 0 and len(r["step_times_s"]) == 1
+    by = {(r["mode"], r["optim"]): r for r in rows}
+    # LoRA trains a sliver of the UNet; full mode trains all of it
+    assert by["lora-dpo", "adamw"]["trainable_params_m"] < 0.1 * by["full-dpo", "adamw"]["trainable_params_m"]
+    assert by["full-dpo", "adamw"]["trainable_params_m"] == by["full-dpo", "adamw"]["unet_params_m"]
+    # counted FLOPs: a DPO step adds the reference forward to the SFT step on the same 4 images
+    assert by["lora-dpo", "adamw"]["flops_per_step"] > by["lora-sft", "adamw"]["flops_per_step"]
+    assert by["lora-dpo", "adamw"]["pairs_per_second"] > 0 and by["lora-sft", "adamw"]["pairs_per_second"] is None
+    assert "| tiny | full-dpo | adafactor |" in proc.stdout and "LoRA-DPO / LoRA-SFT memory" in proc.stdout
