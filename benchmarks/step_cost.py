@@ -16,7 +16,8 @@ Real architectures have random weights (:mod:`lora_dpo.archs`); time and memory 
 
 Reported: steady step time (median of ``--steps`` after ``--warmup`` warm-up steps), images/s and pairs/s, peak
 memory during the steps (CUDA max allocated on a GPU; on the CPU the process's peak resident set, reset after
-setup, so it includes the resident weights), and the FLOPs of one step counted on the first warm-up step with
+setup, so it includes the resident weights; workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that freed tensors
+leave the resident set), and the FLOPs of one step counted on the first warm-up step with
 ``torch.utils.flop_counter`` (as executed: with gradient checkpointing this includes the recomputed forward). On a
 GPU, utilisation = counted FLOPs per second / the GPU's dense bf16/fp16 peak (``--peak-tflops``, known for H100/H200).
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -42,8 +44,14 @@ MODES = ("lora-dpo", "lora-sft", "full-dpo", "full-sft")
 OPTIMS = ("adamw", "adamw8bit", "adafactor")
 FIELDS = ("arch", "mode", "pairs", "resolution", "mixed_precision", "gradient_checkpointing", "optim",
           "reference_dtype", "reference_offload")
-# Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets.
-PEAK_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4, "A100": 312.0}
+# Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; the first entry whose words
+# all appear in torch.cuda.get_device_name() wins ("NVIDIA H100 80GB HBM3" is the SXM part).
+PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("A100", 312.0)]
+
+
+# glibc keeps freed heap memory resident, so on the CPU the peak RSS would count long-dead activations; served by
+# mmap, every tensor over 64 KiB goes back to the OS when freed, and the peak RSS measures live memory.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", **os.environ}
 
 
 def preset(name: str) -> list[dict]:
@@ -53,6 +61,8 @@ def preset(name: str) -> list[dict]:
         sdxl = dict(arch="sdxl", pairs=1, resolution=512, mixed_precision="no", gradient_checkpointing=True)
         return [
             dict(sd15, mode="lora-dpo", optim="adamw"), dict(sd15, mode="lora-sft", optim="adamw"),
+            dict(sd15, mode="lora-dpo", optim="adamw", gradient_checkpointing=False),
+            dict(sd15, mode="lora-sft", optim="adamw", gradient_checkpointing=False),
             dict(sd15, mode="full-dpo", optim="adamw"), dict(sd15, mode="full-sft", optim="adamw"),
             dict(sd15, mode="full-dpo", optim="adamw8bit"), dict(sd15, mode="full-dpo", optim="adafactor"),
             dict(sdxl, mode="lora-dpo", optim="adamw"), dict(sdxl, mode="lora-sft", optim="adamw"),
@@ -169,8 +179,6 @@ def _device_name(device) -> str:
 
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    import os
-
     return f"cpu ({os.cpu_count()} cores)"
 
 
@@ -180,7 +188,7 @@ def _known_peak(device) -> float | None:
     import torch
 
     name = torch.cuda.get_device_name(device)
-    for key, value in PEAK_TFLOPS.items():
+    for key, value in PEAK_TFLOPS:
         if all(part in name for part in key.split()):
             return value
     return None
@@ -264,11 +272,13 @@ def main() -> None:
         spec = dict(spec, peak_tflops=args.peak_tflops,
                     steps=args.steps or (3 if real else 10), warmup=args.warmup or (1 if real else 3))
         print(f"running {json.dumps({k: spec[k] for k in FIELDS})}", file=sys.stderr, flush=True)
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True,
+                              env=WORKER_ENV)
         if proc.returncode:
-            tail = proc.stderr.strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-            print(f"  failed: {proc.stderr[-3000:]}", file=sys.stderr)
-            results.append({**{k: spec[k] for k in FIELDS}, "error": f"failed: {tail[0][:80]}"})
+            reason = ("killed (SIGKILL: out of memory?)" if proc.returncode == -9
+                      else f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1][:80]}")
+            print(f"  failed, {reason}: {proc.stderr[-3000:]}", file=sys.stderr)
+            results.append({**{k: spec[k] for k in FIELDS}, "error": reason})
         else:
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             r = results[-1]
