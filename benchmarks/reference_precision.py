@@ -3,8 +3,8 @@
 At step 0 the policy equals the base model, so with an exact reference u = 0 for every pair, the loss is ln 2 and
 ``rewards/accuracies`` (fraction of u > 0) is 0. A reference copy stored in bf16/fp16 computes slightly different
 errors, and β multiplies the difference: this measures that noise floor on the digits world (a real trained UNet),
-one step of 128 pairs, for each (mixed precision, reference dtype) and β. The loss excess over ln 2 is about
-E[u²]/8, so sqrt(8 × excess) estimates the per-pair spread of u.
+one step of 128 pairs, for each (mixed precision, reference dtype) and β. For small u,
+-log σ(u) ≈ ln 2 - u/2 + u²/8, so sqrt(8 × (loss - ln 2 + mean u / 2)) estimates the per-pair rms of u.
 
     python benchmarks/reference_precision.py
 """
@@ -15,6 +15,7 @@ import math
 import tempfile
 
 import torch
+from accelerate.state import AcceleratorState, PartialState
 
 from lora_dpo.config import load_config
 from lora_dpo.train import train
@@ -24,8 +25,9 @@ CASES = [("no", "float32"), ("no", "bfloat16"), ("no", "float16"), ("bf16", "flo
 
 def main() -> None:
     torch.set_num_threads(1)
-    print("| mixed precision | reference dtype | β | loss − ln 2 | rewards/accuracies | ≈ rms of u |")
-    print("|---|---|---|---|---|---|")
+    print("| mixed precision | reference dtype | β | loss − ln 2 | rewards/margins (mean u) | rewards/accuracies | "
+          "≈ rms of u |")
+    print("|---|---|---|---|---|---|---|")
     for precision, dtype in CASES:
         for beta in (250, 5000):
             with tempfile.TemporaryDirectory() as out:
@@ -35,9 +37,12 @@ def main() -> None:
                     f"output.dir={out}", "output.tensorboard=false",
                 ])
                 m = train(cfg).final_metrics
-            excess = m["loss"] - math.log(2)
-            print(f"| {precision} | {dtype} | {beta} | {excess:.2g} | {m['rewards/accuracies']:.3f} | "
-                  f"{math.sqrt(max(8 * excess, 0)):.2g} |", flush=True)
+            AcceleratorState._reset_state(reset_partial_state=True)  # the next case may change mixed precision
+            PartialState._reset_state()
+            excess, mean_u = m["loss"] - math.log(2), m["rewards/margins"]
+            rms = math.sqrt(max(8 * (excess + mean_u / 2), 0))
+            print(f"| {precision} | {dtype} | {beta} | {excess:.2g} | {mean_u:.2g} | {m['rewards/accuracies']:.3f} | "
+                  f"{rms:.2g} |", flush=True)
 
 
 if __name__ == "__main__":
