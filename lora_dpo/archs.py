@@ -40,7 +40,7 @@ OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers
                      hidden_act="gelu", projection_dim=1280)
 
 
-def _text_config(tokenizer, spec: dict):
+def _text_config(spec: dict):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
@@ -81,10 +81,10 @@ def build_components(arch: str, weight_dtype: torch.dtype = torch.float32, devic
             tokenizer = build_tokenizer(max_length=77)
             unet = UNet2DConditionModel(**(SDXL_UNET if family == "sdxl" else SD15_UNET))
             vae = AutoencoderKL(**SD_VAE, scaling_factor=0.13025 if family == "sdxl" else 0.18215)
-            encoders = [CLIPTextModel(_text_config(tokenizer, CLIP_L))]
+            encoders = [CLIPTextModel(_text_config(CLIP_L))]
             tokenizers = [tokenizer]
             if family == "sdxl":
-                encoders.append(CLIPTextModelWithProjection(_text_config(tokenizer, OPENCLIP_BIGG)))
+                encoders.append(CLIPTextModelWithProjection(_text_config(OPENCLIP_BIGG)))
                 tokenizers.append(tokenizer)
     unet.to(device, unet_dtype or weight_dtype)
     vae.to(device, vae_dtype)

@@ -268,7 +268,8 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
         raise ValueError(f"dtype={dtype!r} must be float32, float16 or bfloat16")
     if not (run_dir / "recipe.yaml").is_file():
         raise FileNotFoundError(f"{run_dir} is not a lora-dpo run folder (no recipe.yaml)")
-    if load_config(run_dir / "recipe.yaml").train.mode == "full":
+    cfg = load_config(run_dir / "recipe.yaml")
+    if cfg.train.mode == "full":
         raise NotImplementedError(
             f"{run_dir} is a full fine-tuning run: lora-dpo eval compares LoRA runs with their base for now. Its "
             "exported pipeline opens with DiffusionPipeline.from_pretrained(run_dir) for your own evaluation"
@@ -277,7 +278,6 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
         raise FileNotFoundError(f"{run_dir / WEIGHT_NAME} not found: the run did not finish (resume it)")
     out_dir = Path(out_dir) if out_dir is not None else run_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    cfg = load_config(run_dir / "recipe.yaml")
     if base_model is not None:
         cfg.model.pretrained_model_name_or_path = str(base_model)
     model_path = cfg.model.pretrained_model_name_or_path
