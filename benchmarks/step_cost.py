@@ -92,7 +92,13 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
     from lora_dpo.data import PairBatch
     from lora_dpo.models import DTYPES
     from lora_dpo.optim import build_optimizer
-    from lora_dpo.train import dpo_micro_step, peak_memory_gb, reset_peak_memory, setup_policy
+    from lora_dpo.train import (
+        current_memory_gb,
+        dpo_micro_step,
+        peak_memory_gb,
+        reset_peak_memory,
+        setup_policy,
+    )
 
     kind, loss = spec["mode"].split("-")
     cfg = load_config(None, [
@@ -134,7 +140,7 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    resident = _current_memory_gb(device)
+    resident = current_memory_gb(device)
     reset_peak_memory(device)
     times, flops = [], 0
     for i in range(warmup + steps):
@@ -163,17 +169,6 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
         "unet_params_m": sum(p.numel() for p in policy.unet.parameters()) / 1e6,
         "trainable_params_m": sum(p.numel() for p in policy.params) / 1e6,
     }
-
-
-def _current_memory_gb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device) / 2**30
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 2**20
-    return float("nan")
 
 
 def _device_name(device) -> str:

@@ -57,17 +57,15 @@ def build_components(arch: str, weight_dtype: torch.dtype = torch.float32, devic
     Raises:
         ValueError: an unknown ``arch``.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from lora_dpo.tiny import build_tiny_components, build_tokenizer
+    from lora_dpo.tiny import build_noise_scheduler, build_tiny_components, build_tokenizer
 
     if arch not in ARCHES:
         raise ValueError(f"arch must be one of {ARCHES}, not {arch!r}")
     family = "sdxl" if "sdxl" in arch else "sd15"
     torch.manual_seed(seed)
-    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              num_train_timesteps=1000, prediction_type="epsilon", clip_sample=False, steps_offset=1)
     vae_dtype = torch.float32 if family == "sdxl" and weight_dtype == torch.float16 else weight_dtype
     with torch.device(device):
         if arch.startswith("tiny"):
@@ -92,4 +90,4 @@ def build_components(arch: str, weight_dtype: torch.dtype = torch.float32, devic
         module.requires_grad_(False).eval()
     for encoder in encoders:
         encoder.to(device, weight_dtype)
-    return Components(family, unet, vae, encoders, tokenizers, scheduler, "epsilon")
+    return Components(family, unet, vae, encoders, tokenizers, build_noise_scheduler(), "epsilon")

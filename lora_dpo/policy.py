@@ -141,10 +141,10 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Poli
         ValueError: full mode with a UNet not in fp32; LoRA ``target_modules`` that match nothing.
     """
     frozen, autocast = None, None
+    unet.train()  # before any frozen copy, which keeps this mode
     if cfg.train.mode == "lora":
         params = add_lora(unet, cfg.lora)
     else:
-        unet.train()  # before the copy, which keeps this mode
         if next(unet.parameters()).dtype != torch.float32:
             raise ValueError("train.mode=full trains fp32 master weights: load the UNet with unet_dtype=float32")
         if cfg.loss.type != "sft":
@@ -163,5 +163,4 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Poli
         params = list(unet.parameters())
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
     return Policy(cfg.train.mode, unet, params, frozen, autocast)

@@ -50,13 +50,23 @@ def text_config(vocab_size: int, hidden: int = 32, projection_dim: int = 32):
     )
 
 
+def build_noise_scheduler():
+    """The SD1.5/SDXL training noise schedule: DDPM, 1000 steps, scaled-linear betas 0.00085 to 0.012, epsilon."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+        prediction_type="epsilon", clip_sample=False, steps_offset=1,
+    )
+
+
 def build_tiny_components(family: Family = "sd15", seed: int = 0) -> dict:
     """Random-weight components of a tiny pipeline, keyed as the diffusers pipeline expects.
 
     UNet ``block_out_channels=(32, 64)``, one cross-attention block; SDXL adds a second text encoder with a
     projection and ``addition_embed_type="text_time"`` (micro-conditioning on 6 time ids).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -81,11 +91,7 @@ def build_tiny_components(family: Family = "sd15", seed: int = 0) -> dict:
         block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32,
     )
-    scheduler = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        prediction_type="epsilon", clip_sample=False, steps_offset=1,
-    )
-    components = dict(unet=unet, vae=vae, scheduler=scheduler, tokenizer=tokenizer)
+    components = dict(unet=unet, vae=vae, scheduler=build_noise_scheduler(), tokenizer=tokenizer)
     if family == "sd15":
         components.update(
             text_encoder=CLIPTextModel(text_config(vocab, 32)), safety_checker=None, feature_extractor=None,

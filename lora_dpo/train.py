@@ -187,17 +187,31 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
+def _proc_status_gb(field: str) -> float | None:
+    """A memory field of Linux ``/proc/self/status`` (``VmHWM``, ``VmRSS``) in GiB; None where there is none."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(f"{field}:"):
+                return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return None
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """CUDA max allocated on a GPU; on the CPU the peak resident set size of this process (``VmHWM``), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20  # kB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    peak = _proc_status_gb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def current_memory_gb(device: torch.device) -> float:
+    """CUDA memory allocated now on a GPU; on the CPU this process's resident set size (``VmRSS``), in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**30
+    current = _proc_status_gb("VmRSS")
+    return current if current is not None else float("nan")
 
 
 class _StopSignal:
