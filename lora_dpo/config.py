@@ -43,6 +43,11 @@ class LoraConfig(_Section):
     lora_alpha: float = Field(8.0, gt=0)
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # Start from an existing LoRA (a run folder or a .safetensors file: diffusers, PEFT or kohya layout) instead of
+    # a fresh one. The policy starts from it and the reference IS it (a frozen second adapter), so step-0 loss is
+    # ln 2 as with a fresh adapter. Its own rank, alpha and target modules are used; r, lora_alpha, target_modules
+    # and lora_dropout above are then ignored.
+    init_from: str | None = None
 
 
 class DataConfig(_Section):
@@ -178,6 +183,11 @@ class RecipeConfig(_Section):
             raise ValueError(
                 "reference.dtype / reference.offload apply to train.mode=full; in LoRA mode the reference is the UNet "
                 "with its adapter disabled and costs no memory. Remove them or set train.mode=full"
+            )
+        if self.train.mode == "full" and self.lora.init_from:
+            raise ValueError(
+                "lora.init_from applies to train.mode=lora. To fine-tune the whole UNet from a LoRA, merge it first "
+                "(lora-dpo merge BASE LORA OUT) and set model.pretrained_model_name_or_path=OUT"
             )
         if self.train.resume_from is not None and self.output.overwrite:
             raise ValueError("train.resume_from and output.overwrite=true contradict each other: choose one")

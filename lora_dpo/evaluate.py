@@ -29,7 +29,6 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +131,10 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
     Raises:
         FileNotFoundError: no data at ``heldout_pairs`` or no exported adapter. ValueError: no usable pair.
     """
-    from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict
     from lora_dpo.data import PreferencePairs, collate_pairs, load_preference_dataset
     from lora_dpo.export import WEIGHT_NAME
     from lora_dpo.models import load_components
+    from lora_dpo.policy import REFERENCE_LORA_FILE, build_policy
     from lora_dpo.train import dpo_micro_step
 
     if draws < 1:
@@ -148,10 +147,13 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
     dataset, report = load_preference_dataset(data_cfg)
     state = load_exported_adapter(run_dir)
     components = load_components(cfg.model, dtype, device)
-    add_lora(components.unet, cfg.lora)
-    load_lora_state_dict(components.unet, state)
+    # The run's reference: the base (a fresh adapter disabled) or the LoRA it started from (lora.init_from).
+    start = Path(run_dir) / REFERENCE_LORA_FILE
+    policy = build_policy(cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})}),
+                          components.unet, device, components.family, start if start.is_file() else None)
+    policy.load_trainable_state_dict(state)
     components.unet.eval()
-    reference = partial(adapters_disabled, components.unet)
+    reference = policy.reference
     accelerator = _EvalAccelerator(device, dtype)
     loader = torch.utils.data.DataLoader(PreferencePairs(dataset, data_cfg, seed), batch_size=batch_size,
                                          shuffle=False, collate_fn=collate_pairs)

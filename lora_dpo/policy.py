@@ -2,7 +2,8 @@
 
 - ``train.mode: lora``: policy = the base UNet + a fresh LoRA adapter (fp32); reference = the same UNet with the
   adapter disabled (:func:`lora_dpo.adapters.adapters_disabled`). One UNet in memory; exact while the adapter
-  starts at zero.
+  starts at zero. With ``lora.init_from`` the policy starts from that LoRA and the reference is a frozen copy of it,
+  a second adapter on the same UNet (:func:`lora_dpo.adapters.add_lora_from`).
 - ``train.mode: full``: policy = the whole UNet, trained in fp32 (the master weights; mixed precision runs the
   forward under autocast); reference = a frozen copy of the UNet taken before the first step, in
   ``reference.dtype``, optionally kept in CPU memory (``reference.offload``). This is the shape of the official
@@ -22,7 +23,15 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
+from lora_dpo.adapters import (
+    REFERENCE_ADAPTER,
+    adapter_active,
+    adapters_disabled,
+    add_lora,
+    add_lora_from,
+    load_lora_state_dict,
+    lora_state_dict,
+)
 from lora_dpo.models import DTYPES
 
 log = logging.getLogger(__name__)
@@ -64,6 +73,8 @@ class Policy:
         frozen_reference: full mode's frozen copy; None in LoRA mode and for ``loss.type=sft`` (no reference).
         reference_autocast: ``(device type, dtype)`` to run the frozen copy under when its dtype is not the one
             mixed precision computes in (e.g. a bf16 copy under an fp32 policy); None otherwise.
+        reference_adapter: LoRA mode started from an existing LoRA: the name of its frozen copy on ``unet``
+            (the reference pass activates it); None for a fresh adapter (the reference pass disables adapters).
     """
 
     mode: str
@@ -71,14 +82,19 @@ class Policy:
     params: list[torch.nn.Parameter]
     frozen_reference: torch.nn.Module | None = None
     reference_autocast: tuple[str, torch.dtype] | None = None
+    reference_adapter: str | None = None
 
     @contextmanager
     def reference(self) -> Iterator[torch.nn.Module]:
-        """The reference UNet inside the block: the adapter-disabled UNet (restored on exit) or the frozen copy.
+        """The reference UNet inside the block: the adapter-disabled UNet, the UNet with the frozen starting LoRA
+        active (both restored on exit), or the frozen copy.
 
         Use it under ``torch.no_grad()``. Raises RuntimeError when the policy was built without a reference.
         """
-        if self.mode == "lora":
+        if self.reference_adapter is not None:
+            with adapter_active(self.unet, self.reference_adapter) as unet:
+                yield unet
+        elif self.mode == "lora":
             with adapters_disabled(self.unet) as unet:
                 yield unet
         elif self.frozen_reference is None:
@@ -126,7 +142,44 @@ class Policy:
         return save_full_pipeline(run_dir, self.unet, cfg.model, family)
 
 
-def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Policy:
+REFERENCE_LORA_FILE = "reference_lora.safetensors"
+
+
+def run_reference_lora(cfg, run_dir: str | Path, fresh: bool, write: bool) -> Path | None:
+    """Where a run reads its starting LoRA (``lora.init_from``): its own copy in the run folder.
+
+    A fresh run copies the file to ``<run_dir>/reference_lora.safetensors`` (``write`` on the main process), so the
+    reference stays the one the run started with even if the original file is later changed or deleted; a resumed
+    run reads that copy. None when the run starts from a fresh adapter.
+
+    Raises:
+        UnsafeFileError / FileNotFoundError: see :func:`lora_dpo.lora_files.resolve_lora_file`.
+    """
+    import hashlib
+    import shutil
+
+    from lora_dpo.lora_files import resolve_lora_file
+
+    if cfg.train.mode != "lora" or not cfg.lora.init_from:
+        return None
+    copy = Path(run_dir) / REFERENCE_LORA_FILE
+    if fresh or not copy.is_file():
+        source = resolve_lora_file(cfg.lora.init_from)
+        if write:
+            shutil.copyfile(source, copy)
+        return copy if write or copy.is_file() else source
+    try:
+        source = resolve_lora_file(cfg.lora.init_from)
+    except (FileNotFoundError, ValueError):
+        return copy
+    digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (source, copy)]
+    if digest[0] != digest[1]:
+        log.warning("%s changed since the run started; the resumed run keeps its reference %s", source, copy)
+    return copy
+
+
+def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family: str = "sd15",
+                 init_lora: str | Path | None = None) -> Policy:
     """Turn a loaded UNet into the policy of ``cfg.train.mode`` (in place), with its reference.
 
     Args:
@@ -135,14 +188,22 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Poli
         unet: the base UNet as loaded (full mode needs it in fp32: pass ``unet_dtype=torch.float32`` to
             :func:`lora_dpo.models.load_components`; otherwise the master weights would start from rounded ones).
         device: where the reference runs.
+        family: ``sd15`` or ``sdxl`` (reads the keys of a starting LoRA).
+        init_lora: the LoRA to start from and compare against; default ``cfg.lora.init_from`` (training passes the
+            run folder's copy, so a resumed run keeps the reference it started with).
     Returns:
         A :class:`Policy` whose UNet is in train mode, with gradient checkpointing if asked.
     Raises:
         ValueError: full mode with a UNet not in fp32; LoRA ``target_modules`` that match nothing.
     """
-    frozen, autocast = None, None
+    frozen, autocast, reference_adapter = None, None, None
     unet.train()  # before any frozen copy, which keeps this mode
-    if cfg.train.mode == "lora":
+    init_lora = init_lora or (cfg.lora.init_from if cfg.train.mode == "lora" else None)
+    if init_lora:
+        params = add_lora_from(unet, init_lora, family)
+        reference_adapter = REFERENCE_ADAPTER
+        log.info("policy and reference start from the LoRA %s (%s)", init_lora, unet.peft_config[REFERENCE_ADAPTER])
+    elif cfg.train.mode == "lora":
         params = add_lora(unet, cfg.lora)
     else:
         if next(unet.parameters()).dtype != torch.float32:
@@ -163,4 +224,4 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str) -> Poli
         params = list(unet.parameters())
     if cfg.train.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    return Policy(cfg.train.mode, unet, params, frozen, autocast)
+    return Policy(cfg.train.mode, unet, params, frozen, autocast, reference_adapter)

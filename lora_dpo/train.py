@@ -26,6 +26,7 @@ from lora_dpo import checkpoint as ckpt
 from lora_dpo.config import ConfigError, RecipeConfig
 from lora_dpo.data import build_dataloader, load_preference_dataset
 from lora_dpo.export import write_model_card
+from lora_dpo.lora_files import check_adapter_fits_model
 from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
 from lora_dpo.models import (
     DTYPES,
@@ -38,7 +39,7 @@ from lora_dpo.models import (
     unet_conditioning,
 )
 from lora_dpo.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
-from lora_dpo.policy import Policy, build_policy
+from lora_dpo.policy import Policy, build_policy, run_reference_lora
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +160,14 @@ def _rows(value, rows: slice):
     return {k: v[rows] for k, v in value.items()} if isinstance(value, dict) else value[rows]
 
 
-def setup_policy(cfg: RecipeConfig, device, components: Components | None = None) -> tuple[Components, Policy, torch.dtype]:
+def setup_policy(cfg: RecipeConfig, device, components: Components | None = None,
+                 init_lora: str | Path | None = None) -> tuple[Components, Policy, torch.dtype]:
     """Load the frozen components in the weight dtype of ``train.mixed_precision`` and build the policy.
 
     Args:
         components: already built components to use instead of loading ``cfg.model`` (the benchmarks pass
             random-weight real-size ones; in full mode their UNet must be fp32).
+        init_lora: the starting LoRA to read instead of ``cfg.lora.init_from`` (the run folder's copy).
     Returns:
         ``(components, policy, weight dtype)``: see :func:`lora_dpo.policy.build_policy`.
     """
@@ -172,7 +175,7 @@ def setup_policy(cfg: RecipeConfig, device, components: Components | None = None
     if components is None:
         unet_dtype = torch.float32 if cfg.train.mode == "full" else weight_dtype
         components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype)
-    return components, build_policy(cfg, components.unet, device), weight_dtype
+    return components, build_policy(cfg, components.unet, device, components.family, init_lora), weight_dtype
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -284,6 +287,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
     check_optimizer_available(cfg.optim)
     dataset, data_report = load_preference_dataset(cfg.data)
     resume_path = ckpt.resolve_resume(cfg.train.resume_from, run_dir) if cfg.train.resume_from else None
+    if resume_path is None and cfg.lora.init_from and cfg.train.mode == "lora":  # safetensors, fits the model
+        check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)
 
     # 2. Accelerator: mixed precision and processes. Each process gets its own seed (DESIGN.md §2).
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -307,6 +312,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
         _prepare_run_dir(cfg, run_dir)
         (run_dir / "recipe.yaml").write_text(cfg.to_yaml())
         (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
+    # A run started from a LoRA keeps its own copy of it: the reference never changes, also across resume.
+    init_lora = run_reference_lora(cfg, run_dir, fresh=resume_path is None, write=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed + rank)
     generator = torch.Generator(accelerator.device).manual_seed(cfg.train.seed + 1_000_003 * rank)
@@ -314,7 +321,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
 
     # 3. Models: frozen components in the weight dtype; the policy's trainable weights in fp32, and its reference.
-    components, policy, weight_dtype = setup_policy(cfg, accelerator.device)
+    components, policy, weight_dtype = setup_policy(cfg, accelerator.device, init_lora=init_lora)
     params = policy.params
 
     # 4. Optimizer and schedule (one schedule step per optimizer step).
