@@ -104,6 +104,16 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_merge(args) -> int:
+    """Fuse a LoRA into its base model; write a diffusers pipeline folder (or the UNet alone)."""
+    from lora_dpo.merge import merge_adapter
+
+    report = merge_adapter(args.model, args.adapter, args.out, scale=args.scale, unet_only=args.unet_only,
+                           dtype=args.dtype, revision=args.revision, variant=args.variant, overwrite=args.overwrite)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def cmd_prefs(args) -> int:
     """Sample image pairs, label them with a scorer (AI feedback), write a Pick-a-Pic parquet; print the report."""
     from lora_dpo.prefs import build_preference_set
@@ -162,6 +172,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-images", action="store_true", help="also write each image to OUT/eval_samples/")
     p.add_argument("--out", default=None, help="output folder (default: RUN_DIR)")
     p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("merge", help="fuse a LoRA into the base weights: a pipeline folder that opens alone")
+    p.add_argument("model", help="the base pipeline (hub id or folder) the adapter was trained on")
+    p.add_argument("adapter", help="a run folder or a LoRA .safetensors file (diffusers or kohya layout)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--scale", type=float, default=1.0, help="adapter strength (default 1.0, as trained)")
+    p.add_argument("--unet-only", action="store_true", help="write only the UNet (UNet2DConditionModel folder)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the saved weights (fusing is done in fp32)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default=None, help="the base's weight variant to read, e.g. fp16")
+    p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
+    p.set_defaults(fn=cmd_merge)
     p = sub.add_parser("prefs", help="build preference pairs labelled by a scorer (AI feedback), Pick-a-Pic parquet")
     p.add_argument("--model", required=True, help="diffusers pipeline folder to sample from")
     p.add_argument("--scorer", required=True, help="'jpeg' or a folder with classifier.json")
@@ -197,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.fn(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, ValueError, ImportError, NotImplementedError) as exc:
+    except (ConfigError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, ImportError,
+            NotImplementedError) as exc:
         if args.traceback:
             raise
         print(f"error: {exc}", file=sys.stderr)

@@ -58,30 +58,66 @@ def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, f
     return Path(save_dir) / "model_index.json"
 
 
+# Licenses of the well-known bases; a model derived from them inherits theirs. Anything else: "other".
+BASE_LICENSES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+}
+
+
+def card_front_matter(base: str, family: str, relation: str, datasets: list[str] = ()) -> str:
+    """The YAML front matter of a Hugging Face model card, between ``---`` lines (``huggingface_hub``'s writer).
+
+    Args:
+        base: the base model's hub id or folder (``base_model``; the Hub links a hub id to its base).
+        family: ``sd15`` or ``sdxl`` (a tag).
+        relation: ``adapter`` (a LoRA), ``merge`` (a LoRA fused into the base) or ``finetune`` (full fine-tune):
+            the Hub's ``base_model_relation``.
+        datasets: hub ids of the training data (local paths are left out).
+    """
+    from huggingface_hub import ModelCardData
+
+    tags = ["text-to-image", "diffusers", "diffusion-dpo", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"]
+    if relation == "adapter":
+        tags.insert(2, "lora")
+    data = ModelCardData(
+        base_model=base, base_model_relation=relation, library_name="diffusers", pipeline_tag="text-to-image",
+        license=BASE_LICENSES.get(base, "other"), tags=tags,
+        datasets=[d for d in datasets if _is_hub_id(d)] or None,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _is_hub_id(name: str) -> bool:
+    from lora_dpo.models import _HUB_ID
+
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
 def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
-    """A Hugging Face style ``README.md`` for the run folder: base model, data, recipe, final metrics, how to load."""
+    """A Hugging Face model card ``README.md`` for the run folder: front matter (:func:`card_front_matter`), base
+    model, data, recipe, final metrics, and how to load the result."""
     base = cfg.model.pretrained_model_name_or_path
     cls = pipeline_class(family).__name__
     shown = {k: final_metrics[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final_metrics}
     if cfg.train.mode == "full":
         what = f"A fully fine-tuned UNet (a complete diffusers pipeline folder) from `{base}`"
         use = f"pipe = {cls}.from_pretrained(\"path/to/this/folder\")"
-        kind = "full-finetune"
+        relation, other = "finetune", ""
     else:
         what = f"A LoRA adapter (rank {cfg.lora.r}, alpha {cfg.lora.lora_alpha}) for `{base}`"
-        use = f"pipe = {cls}.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"path/to/this/folder\")"
-        kind = "lora"
-    text = f"""---
-base_model: {base}
-library_name: diffusers
-license: other
-tags:
-- {kind}
-- diffusion-dpo
-- text-to-image
-- {"stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"}
----
-
+        if cfg.lora.init_from:
+            what = (f"A LoRA adapter for `{base}`, DPO-tuned from the LoRA `{cfg.lora.init_from}` (its rank and "
+                    "alpha; that LoRA was the reference, kept here as `reference_lora.safetensors`)")
+        use = (f"pipe = {cls}.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"path/to/this/folder\")\n"
+               "# or fuse it into the base weights: pipe.fuse_lora(lora_scale=1.0)")
+        relation = "adapter"
+        other = ("\nOther tools: `lora-dpo export <this folder> --format kohya` writes the AUTOMATIC1111 / ComfyUI "
+                 "layout, `--format peft` the PEFT layout; `lora-dpo merge` fuses the adapter into a full pipeline "
+                 "folder.\n")
+    text = card_front_matter(base, family, relation, [cfg.data.dataset]) + f"""
 # {cfg.output.run_name}
 
 {what}, trained with Diffusion-DPO
@@ -101,7 +137,7 @@ from diffusers import {cls}
 {use}
 image = pipe("a photo of a cat").images[0]
 ```
-"""
+{other}"""
     path = Path(run_dir) / "README.md"
     path.write_text(text)
     return path

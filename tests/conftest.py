@@ -26,6 +26,36 @@ def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl", seed=0)
 
 
+def save_random_lora(out: Path, model: Path, family: str, r: int = 4, lora_alpha: float = 2.0, std: float = 0.2,
+                     seed: int = 0, target_modules: list[str] | None = None) -> Path:
+    """A LoRA for the tiny ``model`` with seeded random A and B (it changes the outputs clearly; alpha != r, so a
+    loader that drops alpha is caught), saved as ``out/pytorch_lora_weights.safetensors`` by the kit's exporter."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from lora_dpo.adapters import add_lora
+    from lora_dpo.config import LoraConfig
+    from lora_dpo.export import save_lora_adapter
+
+    unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet")
+    lora = LoraConfig(r=r, lora_alpha=lora_alpha, **({"target_modules": target_modules} if target_modules else {}))
+    g = torch.Generator().manual_seed(seed)
+    for p in add_lora(unet, lora):
+        p.data = torch.randn(p.shape, generator=g) * std
+    save_lora_adapter(out, unet, family)
+    return Path(out)
+
+
+@pytest.fixture(scope="session")
+def lora_sd15(tiny_sd15, tmp_path_factory) -> Path:
+    return save_random_lora(tmp_path_factory.mktemp("loras") / "sd15", tiny_sd15, "sd15")
+
+
+@pytest.fixture(scope="session")
+def lora_sdxl(tiny_sdxl, tmp_path_factory) -> Path:
+    return save_random_lora(tmp_path_factory.mktemp("loras") / "sdxl", tiny_sdxl, "sdxl")
+
+
 @pytest.fixture(scope="session")
 def photo_pairs(tmp_path_factory) -> Path:
     """Real-photo pairs (Pick-a-Pic schema), 3 per photograph, 48 px, about 10% ties."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from test_train import ROOT, _args, _metrics, _unet_inputs
 
@@ -46,6 +47,8 @@ def test_full_mode_trains_the_policy_only_and_exports_a_pipeline(family, request
     base_unet = load_components(load_config(out / "recipe.yaml").model, torch.float32).unet
     assert (tuned_out - base_unet(x, t, **cond).sample).abs().max() > 1e-4
     assert "from_pretrained(\"path/to/this/folder\")" in (out / "README.md").read_text()
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model_relation == "finetune" and "lora" not in card.data.tags
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
 

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_train import ROOT, _args, _metrics, _unet_inputs
 
 from lora_dpo.adapters import ADAPTER_NAME, REFERENCE_ADAPTER
 from lora_dpo.cli import main
@@ -16,7 +17,6 @@ from lora_dpo.export import pipeline_class
 from lora_dpo.lora_files import UnsafeFileError
 from lora_dpo.policy import REFERENCE_LORA_FILE
 from lora_dpo.train import train
-from tests.test_train import ROOT, _args, _metrics, _unet_inputs
 
 
 def _run(model, data, out, *extra):

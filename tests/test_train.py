@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -72,6 +73,11 @@ def test_cli_train_then_diffusers_loads_the_policy(family, request, photo_pairs,
     with safe_open(out / "pytorch_lora_weights.safetensors", "pt") as fh:
         meta = json.loads(fh.metadata()["lora_adapter_metadata"])
     assert meta["unet.r"] == 8 and meta["unet.lora_alpha"] == 16
+    card = ModelCard.load(out / "README.md")  # Hugging Face model-card conventions, read by huggingface_hub
+    assert card.data.base_model == str(model) and card.data.library_name == "diffusers"
+    assert card.data.base_model_relation == "adapter" and card.data.pipeline_tag == "text-to-image"
+    assert {"lora", "diffusion-dpo", "text-to-image"} <= set(card.data.tags) and card.data.license == "other"
+    assert f"{pipeline_class(family).__name__}.from_pretrained" in card.text and "load_lora_weights" in card.text
 
     # The trained policy, rebuilt from the final checkpoint through the kit's own loader.
     cfg = load_config(out / "recipe.yaml")
