@@ -1,8 +1,13 @@
-"""``lora-dpo`` command line: ``train``, ``validate``, ``demo``.
+"""``lora-dpo`` command line.
 
     lora-dpo train RECIPE [section.key=value ...]
     lora-dpo validate RECIPE [section.key=value ...]
     lora-dpo demo [section.key=value ...]
+    lora-dpo eval RUN_DIR --scorer ...
+    lora-dpo generate MODEL PROMPT ... [--adapter PATH[:SCALE] ...]
+    lora-dpo merge MODEL ADAPTER OUT [--scale S] [--unet-only]
+    lora-dpo export ADAPTER --format diffusers|peft|kohya --out OUT
+    lora-dpo prefs / world ...
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ def cmd_validate(args) -> int:
     cfg = load_config(args.recipe, args.overrides)
     family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
     check_optimizer_available(cfg.optim)
+    if cfg.lora.init_from:
+        from lora_dpo.lora_files import check_adapter_fits_model
+
+        check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)
     _, report = load_preference_dataset(cfg.data)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"recipe OK: {args.recipe}")
@@ -44,7 +53,8 @@ def cmd_validate(args) -> int:
     print(f"  data:  {cfg.data.dataset}: {json.dumps(report)}")
     print(f"  effective batch: {cfg.train.batch_size} pairs × {cfg.train.gradient_accumulation_steps} accumulation × "
           f"{world} processes = {cfg.train.batch_size * cfg.train.gradient_accumulation_steps * world} pairs per step")
-    print(f"  mode: {cfg.train.mode}, loss {cfg.loss.type}, optimizer {cfg.optim.name}")
+    print(f"  mode: {cfg.train.mode}, loss {cfg.loss.type}, optimizer {cfg.optim.name}"
+          + (f", starting from the LoRA {cfg.lora.init_from} (also the reference)" if cfg.lora.init_from else ""))
     print(f"  run folder: {cfg.run_dir}")
     return 0
 
@@ -111,6 +121,53 @@ def cmd_merge(args) -> int:
     report = merge_adapter(args.model, args.adapter, args.out, scale=args.scale, unet_only=args.unet_only,
                            dtype=args.dtype, revision=args.revision, variant=args.variant, overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def _adapter_arg(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:SCALE`` (scale 1.0 by default)."""
+    path, _, scale = text.rpartition(":")
+    try:
+        return (path, float(scale)) if path else (text, 1.0)
+    except ValueError:
+        return text, 1.0
+
+
+def cmd_generate(args) -> int:
+    """Images from a base model plus adapters (compel prompt syntax); PNGs with their parameters, and a grid."""
+    from lora_dpo.generate import generate
+
+    report = generate(
+        args.model, args.prompt, negative_prompt=args.negative_prompt, adapters=[_adapter_arg(a) for a in args.adapter],
+        seeds=args.seeds, num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
+        height=args.height, width=args.width, out_dir=args.out, device=args.device, dtype=args.dtype,
+        grid=not args.no_grid,
+    )
+    print(f"{len(report['images'])} images in {args.out}" + (f", grid {report['grid']}" if report["grid"] else "")
+          + f" ({report['timings']['seconds_per_image']:.2f} s per image)")
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Write an adapter in the diffusers, PEFT or kohya (AUTOMATIC1111 / ComfyUI) layout."""
+    from diffusers import UNet2DConditionModel
+
+    from lora_dpo.config import load_config
+    from lora_dpo.formats import export_adapter
+    from lora_dpo.lora_files import resolve_lora_file
+    from lora_dpo.models import detect_family, read_model_index
+
+    file = resolve_lora_file(args.adapter)
+    base = args.base
+    if base is None:
+        recipe = file.parent / "recipe.yaml"
+        if not recipe.is_file():
+            raise ValueError(f"{file} is not in a lora-dpo run folder (no recipe.yaml): pass --base MODEL")
+        base = load_config(recipe).model.pretrained_model_name_or_path
+    family = detect_family(read_model_index(base))
+    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
+    out = export_adapter(file, args.out, args.format, family, unet_config)
+    print(f"{args.format} adapter for {base} ({family}): {out}")
     return 0
 
 
@@ -184,6 +241,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None, help="the base's weight variant to read, e.g. fp16")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty folder")
     p.set_defaults(fn=cmd_merge)
+    from lora_dpo.formats import FORMATS
+    from lora_dpo.generate import SCHEDULER_NAMES
+
+    p = sub.add_parser("export", help="write an adapter in the diffusers, PEFT or kohya (A1111 / ComfyUI) layout")
+    p.add_argument("adapter", help="a run folder or its pytorch_lora_weights.safetensors")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output folder (kohya: a folder or a .safetensors file)")
+    p.add_argument("--base", default=None, help="the base model (default: the run's recipe.yaml)")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("generate", help="images from a base model plus adapters; PNG metadata; off/on grid")
+    p.add_argument("model", help="diffusers pipeline folder or hub id (SD1.5 or SDXL)")
+    p.add_argument("prompt", nargs="+", help="one or more prompts, compel syntax: '(word)1.3', '(a, b).blend(.7, .3)'")
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
+                   help="a LoRA (run folder or .safetensors) and its scale (default 1.0); repeat for several")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", default="default", choices=SCHEDULER_NAMES)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--out", default="samples", help="output folder (default samples/)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--no-grid", action="store_true", help="with adapters: skip the adapter-off images and grid")
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("prefs", help="build preference pairs labelled by a scorer (AI feedback), Pick-a-Pic parquet")
     p.add_argument("--model", required=True, help="diffusers pipeline folder to sample from")
     p.add_argument("--scorer", required=True, help="'jpeg' or a folder with classifier.json")

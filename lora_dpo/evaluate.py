@@ -61,7 +61,7 @@ SAMPLES_DIR = "eval_samples"
 def load_exported_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
     """The run's exported adapter in PEFT naming, ready for :func:`lora_dpo.adapters.load_lora_state_dict`.
 
-    Reads ``pytorch_lora_weights.safetensors`` (diffusers layout, ``unet.<module>.lora.down.weight``) and
+    Reads ``pytorch_lora_weights.safetensors`` (``unet.<module>.lora_A.weight``; older files ``.lora.down.weight``) and
     converts it to ``<module>.lora_A.weight`` (what :func:`lora_dpo.adapters.lora_state_dict` returns). It is
     the file ``pipe.load_lora_weights(run_dir)`` reads for the images, so the implicit reward and the images
     judge one adapter; for a finished run it equals the last checkpoint's ``trainable_weights.safetensors``
@@ -71,15 +71,15 @@ def load_exported_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
         FileNotFoundError: no exported adapter (an interrupted run exports nothing). ValueError: no UNet keys.
     """
     from diffusers.utils import convert_unet_state_dict_to_peft
-    from safetensors.torch import load_file
 
     from lora_dpo.export import WEIGHT_NAME
+    from lora_dpo.lora_files import read_lora_file
 
     path = Path(run_dir) / WEIGHT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run exported no adapter (an interrupted run exports "
                                 "nothing; resume it with train.resume_from=latest until it finishes)")
-    state = load_file(path)
+    state, _ = read_lora_file(path)
     unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     if not unet:
         raise ValueError(f"{path} holds no UNet LoRA weights (keys such as {sorted(state)[:2]})")
@@ -256,6 +256,7 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
     """
     from lora_dpo.config import load_config
     from lora_dpo.export import WEIGHT_NAME
+    from lora_dpo.lora_files import load_adapter
     from lora_dpo.models import DTYPES, detect_family, read_model_index
     from lora_dpo.sampling import generate_images, load_pipeline
     from lora_dpo.scorers import load_scorer
@@ -307,7 +308,7 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
     t0 = time.perf_counter()
     base_images = generate_images(pipe, flat_prompts, flat_seeds, **gen_kw)
     timing["generation_base_s"] = time.perf_counter() - t0
-    pipe.load_lora_weights(str(run_dir), weight_name=WEIGHT_NAME)
+    load_adapter(pipe, Path(run_dir) / WEIGHT_NAME, "tuned")
     t0 = time.perf_counter()
     tuned_images = generate_images(pipe, flat_prompts, flat_seeds, **gen_kw)
     timing["generation_tuned_s"] = time.perf_counter() - t0

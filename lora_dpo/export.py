@@ -25,16 +25,19 @@ def pipeline_class(family: str):
 def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str) -> Path:
     """Write the UNet's ``default`` adapter as ``<save_dir>/pytorch_lora_weights.safetensors``.
 
-    Keys are in the diffusers layout (``unet.<module>.lora_A.weight``); the safetensors header carries the
-    PEFT ``LoraConfig`` (rank, alpha, target modules), so loaders do not fall back to alpha = r.
+    Keys are ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT names under diffusers' ``unet.`` prefix);
+    the safetensors header carries the PEFT ``LoraConfig`` (rank, alpha, target modules, patterns), so loaders do
+    not fall back to alpha = r. The keys are deliberately not passed through ``convert_state_dict_to_diffusers``:
+    it renames only the attention projections (``.lora.down.weight``) and leaves other modules in PEFT names, and
+    diffusers' loader decides from the first key alone whether to convert, so an adapter on attention and, e.g.,
+    ``proj_in`` would silently lose its attention weights on ``load_lora_weights``.
     """
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    layers = {k: v.detach().cpu().contiguous() for k, v in convert_state_dict_to_diffusers(state).items()}
+    layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
     pipeline_class(family).save_lora_weights(
         save_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME,
@@ -53,7 +56,7 @@ def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, f
     """
     cls = pipeline_class(family)
     pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, unet=unet, revision=model_cfg.revision,
-                               variant=model_cfg.variant)
+                               variant=model_cfg.variant, use_safetensors=True)
     pipe.save_pretrained(save_dir, safe_serialization=True)
     return Path(save_dir) / "model_index.json"
 

@@ -16,7 +16,7 @@ import torch
 
 from lora_dpo.export import card_front_matter, pipeline_class
 from lora_dpo.lora_files import check_adapter_fits_model, load_adapter
-from lora_dpo.models import DTYPES, detect_family, read_model_index
+from lora_dpo.models import DTYPES, detect_family, read_model_index, safetensors_only
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +53,8 @@ def merge_adapter(model: str, adapter: str | Path, out: str | Path, *, scale: fl
 
     t0 = time.perf_counter()
     kwargs = dict(revision=revision, variant=variant, use_safetensors=True)
-    pipe = pipeline_class(family).from_pretrained(str(model), **kwargs)  # fp32: the fusing is not rounded
+    with safetensors_only(str(model)):
+        pipe = pipeline_class(family).from_pretrained(str(model), **kwargs)  # fp32: the fusing is not rounded
     load_adapter(pipe, file, MERGE_ADAPTER)
     modules = sum(1 for n, _ in pipe.unet.named_modules() if n.endswith(f"lora_A.{MERGE_ADAPTER}"))
     pipe.fuse_lora(lora_scale=scale, adapter_names=[MERGE_ADAPTER])

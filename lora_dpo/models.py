@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -75,6 +77,22 @@ def detect_family(model_index: dict[str, Any]) -> Family:
     raise ModelLoadError(f"pipeline class '{cls}' is not supported: lora-dpo trains SD1.5/2.x and SDXL UNets")
 
 
+@contextmanager
+def safetensors_only(name: str) -> Iterator[None]:
+    """Turn the loaders' "no safetensors file" error (weights loaded with ``use_safetensors=True``) into a
+    :class:`ModelLoadError` that says why pickle weights are refused and how to convert them."""
+    try:
+        yield
+    except OSError as exc:
+        if "safetensors" not in str(exc) and ".bin" not in str(exc):
+            raise
+        raise ModelLoadError(
+            f"could not load the weights of '{name}' as safetensors ({exc}). lora-dpo never reads pickle weights "
+            "(.bin/.ckpt: unpickling can run arbitrary code). Convert the pipeline once in a process you trust: "
+            "DiffusionPipeline.from_pretrained(path).save_pretrained(new_path, safe_serialization=True)"
+        ) from exc
+
+
 @dataclass
 class Components:
     """The frozen pipeline parts plus the UNet that gets trained.
@@ -119,7 +137,7 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
     index = read_model_index(name, model_cfg.revision)
     family = detect_family(index)
     kw = dict(revision=model_cfg.revision)
-    wkw = dict(kw, variant=model_cfg.variant)
+    wkw = dict(kw, variant=model_cfg.variant, use_safetensors=True)  # never unpickle weights
 
     scheduler = DDPMScheduler.from_pretrained(name, subfolder="scheduler", **kw)
     if model_cfg.prediction_type is not None:
@@ -136,15 +154,15 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
     elif family == "sdxl" and weight_dtype == torch.float16:
         vae_dtype = torch.float32  # the original SDXL VAE overflows in fp16
 
-    unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=unet_dtype or weight_dtype, **wkw)
-    vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=vae_dtype, **wkw)
-    tokenizers = [AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)]
-    text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=weight_dtype, **wkw)]
-    if family == "sdxl":
-        tokenizers.append(AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw))
-        text_encoders.append(
-            CLIPTextModelWithProjection.from_pretrained(name, subfolder="text_encoder_2", torch_dtype=weight_dtype, **wkw)
-        )
+    with safetensors_only(name):
+        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=unet_dtype or weight_dtype, **wkw)
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=vae_dtype, **wkw)
+        tokenizers = [AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)]
+        text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=weight_dtype, **wkw)]
+        if family == "sdxl":
+            tokenizers.append(AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw))
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                name, subfolder="text_encoder_2", torch_dtype=weight_dtype, **wkw))
     for module in (unet, vae, *text_encoders):
         module.requires_grad_(False)
         module.eval()

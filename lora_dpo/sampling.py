@@ -65,17 +65,19 @@ def load_pipeline(model: str | os.PathLike, *, device: torch.device | str = "cpu
     """A diffusers SD1.5 or SDXL pipeline (family read from ``model_index.json``) for sampling and scoring.
 
     SD1.5's safety checker is left out: it blacks out images it flags, which would corrupt any score. The
-    pipeline's progress bar is off. Raises :class:`lora_dpo.models.ModelLoadError` for a bad path or id.
+    pipeline's progress bar is off. Only safetensors weights are read. Raises :class:`lora_dpo.models.ModelLoadError`
+    for a bad path or id, or pickle-only weights.
     """
     from lora_dpo.export import pipeline_class
-    from lora_dpo.models import detect_family, read_model_index
+    from lora_dpo.models import detect_family, read_model_index, safetensors_only
 
     family = detect_family(read_model_index(str(model), revision))
-    kwargs: dict = dict(revision=revision, variant=variant)
+    kwargs: dict = dict(revision=revision, variant=variant, use_safetensors=True)
     if dtype != torch.float32:
         kwargs["torch_dtype"] = dtype
     if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = pipeline_class(family).from_pretrained(str(model), **kwargs).to(device)
+    with safetensors_only(str(model)):
+        pipe = pipeline_class(family).from_pretrained(str(model), **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -57,3 +57,43 @@ def test_not_a_pipeline_folder(tmp_path, capsys):
     (tmp_path / "model").mkdir()
     assert main(["validate", RECIPE, f"model.pretrained_model_name_or_path={tmp_path / 'model'}"]) == 2
     assert "no model_index.json" in capsys.readouterr().err
+
+
+def test_validate_checks_the_starting_lora_without_loading_weights(tiny_sdxl, lora_sd15, messy_pairs,
+                                                                  no_weight_loading, capsys):
+    code = main(["validate", str(ROOT / "recipes/sdxl/lora_dpo.yaml"), f"model.pretrained_model_name_or_path={tiny_sdxl}",
+                 f"data.dataset={messy_pairs[0]}", f"lora.init_from={lora_sd15}"])
+    assert code == 2 and "cross-attention width 32" in capsys.readouterr().err
+
+
+def test_export_command(tiny_sd15, lora_sd15, tmp_path, capsys):
+    import torch
+    from test_train import _unet_inputs
+
+    from lora_dpo.export import pipeline_class
+
+    assert main(["export", str(lora_sd15), "--format", "kohya", "--out", str(tmp_path / "k")]) == 2
+    assert "pass --base" in capsys.readouterr().err
+    assert main(["export", str(lora_sd15), "--format", "kohya", "--out", str(tmp_path / "k.safetensors"),
+                 "--base", str(tiny_sd15)]) == 0
+    x, t, kw = _unet_inputs("sd15")
+    outs = []
+    for path in (lora_sd15, tmp_path / "k.safetensors"):
+        pipe = pipeline_class("sd15").from_pretrained(tiny_sd15)
+        pipe.load_lora_weights(str(path))
+        with torch.no_grad():
+            outs.append(pipe.unet(x, t, **kw).sample)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_command(tiny_sd15, lora_sd15, tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "samples"
+    assert main(["generate", str(tiny_sd15), "a (red)1.3 cat", "--adapter", f"{lora_sd15}:0.7", "--seeds", "1", "2",
+                 "--steps", "2", "--out", str(out)]) == 0
+    assert "4 images" in capsys.readouterr().out
+    assert sorted(p.name for p in out.glob("*.png")) == ["base_p00_s1.png", "base_p00_s2.png", "grid.png",
+                                                         "lora_p00_s1.png", "lora_p00_s2.png"]
+    text = Image.open(out / "lora_p00_s2.png").text["parameters"]
+    assert text.startswith("a (red)1.3 cat <lora:sd15:0.7>") and "Seed: 2" in text and "Steps: 2" in text

@@ -243,7 +243,7 @@ def test_implicit_reward_is_reproducible_and_zero_for_a_zero_adapter(evaluated, 
     zero_run = tmp_path / "zero"
     shutil.copytree(trained_run, zero_run, ignore=shutil.ignore_patterns("checkpoints"))
     weights = load_file(zero_run / WEIGHT_NAME)
-    zeroed = {k: torch.zeros_like(v) if "lora.up" in k else v for k, v in weights.items()}
+    zeroed = {k: torch.zeros_like(v) if ".lora_B." in k else v for k, v in weights.items()}
     save_file(zeroed, zero_run / WEIGHT_NAME)
     zero = implicit_reward_accuracy(zero_run, cfg, photo_pairs, max_pairs=4, draws=2)
     assert zero["margin_mean"] == 0.0 and zero["margin_std"] == 0.0
