@@ -6,8 +6,9 @@ embeddings) of:
 
 - the base UNet with the adapter (fp32): the reference ``y_lora``; the adapter's effect is ``|y_lora - y_base|``;
 - the pipeline merged in fp32 by :func:`lora_dpo.merge.merge_adapter` and opened from disk;
-- the UNet merged and saved in bf16 (``--dtype bfloat16 --unet-only``), run in bf16; next to it, the base UNet cast
-  to bf16, which shows the rounding floor any bf16 checkpoint has.
+- the UNet merged and saved in bf16 (``--dtype bfloat16 --unet-only``), run in bf16; next to it, the adapter loaded
+  onto the base in bf16 (what a bf16 pipeline with ``load_lora_weights`` computes) and the base alone in bf16 against
+  the base in fp32: the rounding floor any bf16 checkpoint has.
 
     python benchmarks/merge_equivalence.py --arch sd15 --json benchmarks/results/merge_sd15.json
 
@@ -30,7 +31,7 @@ import torch
 from lora_dpo.adapters import adapters_disabled, add_lora
 from lora_dpo.archs import ARCHES, build_components
 from lora_dpo.config import LoraConfig
-from lora_dpo.export import pipeline_class, save_lora_adapter
+from lora_dpo.export import WEIGHT_NAME, pipeline_class, save_lora_adapter
 from lora_dpo.merge import merge_adapter
 
 
@@ -125,6 +126,9 @@ def main() -> None:
         del merged
         base = UNet2DConditionModel.from_pretrained(work / "base" / "unet", torch_dtype=torch.bfloat16).to(args.device)
         base_bf16 = _forward(base, inputs, torch.bfloat16)
+        base.load_lora_adapter(str(work / "adapter"), weight_name=WEIGHT_NAME, prefix="unet", adapter_name="x")
+        base.set_adapters(["x"], [args.scale])
+        lora_bf16 = _forward(base, inputs, torch.bfloat16)
         del base
     finally:
         if args.workdir is None:
@@ -133,6 +137,7 @@ def main() -> None:
     rows = {
         "merged fp32 vs adapter fp32": _diff(y_merged, y_lora, effect),
         "merged bf16 vs adapter fp32": _diff(y_merged_bf16, y_lora, effect),
+        "adapter on a bf16 base vs adapter fp32": _diff(lora_bf16, y_lora, effect),
         "base bf16 vs base fp32 (rounding floor)": _diff(base_bf16, y_base, effect),
     }
     result = {"arch": args.arch, "rank": args.rank, "lora_std": args.lora_std, "scale": args.scale, "latent": latent,

@@ -120,13 +120,14 @@ def unet_lora_shapes(path: str | Path, family: str, unet_config) -> dict[str, tu
     diffusers' own reader (``lora_state_dict``), the one ``pipe.load_lora_weights`` uses. Text-encoder keys are left
     out. Raises: see :func:`resolve_lora_file`.
     """
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     state, _ = read_lora_file(path)
     converted = pipeline_class(family).lora_state_dict(state, unet_config=unet_config)[0]
+    unet = {k.removeprefix("unet.").removeprefix("base_model.model."): v for k, v in converted.items()
+            if not k.startswith("text_encoder")}
     shapes: dict[str, list] = {}
-    for key, tensor in converted.items():
-        if key.startswith("text_encoder"):
-            continue
-        name = key.removeprefix("unet.").removeprefix("base_model.model.")
+    for name, tensor in convert_unet_state_dict_to_peft(unet).items():  # as diffusers' load_lora_adapter does
         for i, suffixes in enumerate((_DOWN_SUFFIXES, _UP_SUFFIXES)):
             for suffix in suffixes:
                 if name.endswith(suffix):

@@ -119,3 +119,17 @@ def test_implicit_reward_is_measured_against_the_starting_lora(tiny_sd15, photo_
                                      max_pairs=6)
     assert abs(start["margin_mean"]) + start["margin_std"] > 0.1
     assert abs(moved["margin_mean"]) + moved["margin_std"] < 1e-3 * (abs(start["margin_mean"]) + start["margin_std"])
+
+
+def test_starting_from_a_kohya_file(tiny_sd15, photo_pairs, start_lora, tmp_path):
+    """An AUTOMATIC1111 / ComfyUI file (kohya keys, per-module .alpha) starts a run just as well."""
+    from lora_dpo.formats import export_adapter
+
+    kohya = export_adapter(start_lora, tmp_path / "style.safetensors", "kohya", "sd15")
+    pipe = pipeline_class("sd15").from_pretrained(tiny_sd15)
+    pipe.load_lora_weights(start_lora)
+    with_start = _unet_out(pipe.unet)
+    result = _run(tiny_sd15, photo_pairs, tmp_path / "run", f"lora.init_from={kohya}", "train.max_steps=1")
+    assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    with result.policy.reference() as ref:
+        assert torch.allclose(_unet_out(ref), with_start, atol=1e-5)

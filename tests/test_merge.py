@@ -82,3 +82,16 @@ def test_merge_refuses_bad_input_before_loading(tiny_sd15, tiny_sdxl, lora_sd15,
     assert main(["merge", str(tiny_sd15), str(lora_sd15), str(tmp_path / "c")]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (tmp_path / "c" / "x").read_text() == "keep me"
+
+
+def test_merging_a_kohya_file_gives_the_same_weights(tiny_sdxl, lora_sdxl, tmp_path):
+    """An AUTOMATIC1111 / ComfyUI file (SDXL input_blocks names) merges to the same UNet as the diffusers file."""
+    from lora_dpo.formats import export_adapter
+
+    kohya = export_adapter(lora_sdxl, tmp_path / "style.safetensors", "kohya", "sdxl", tiny_sdxl)
+    merge_adapter(str(tiny_sdxl), lora_sdxl, tmp_path / "a", unet_only=True)
+    merge_adapter(str(tiny_sdxl), kohya, tmp_path / "b", unet_only=True)
+    a, b = (load_file(tmp_path / x / "diffusion_pytorch_model.safetensors") for x in "ab")
+    base = load_file(tiny_sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    assert sum(not torch.equal(a[k], base[k]) for k in a) > 0
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
