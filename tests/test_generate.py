@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import save_random_lora
 from PIL import Image
 
 from lora_dpo import generate as gen
@@ -32,23 +33,9 @@ def tiny(family, tiny_sd15, tiny_sdxl):
 @pytest.fixture(scope="session")
 def adapters(tiny_sd15, tiny_sdxl, tmp_path_factory) -> dict:
     """A LoRA adapter folder per family; seeded random A and B (std 0.3), so it visibly changes the images."""
-    from diffusers import UNet2DConditionModel
-
-    from lora_dpo.adapters import add_lora
-    from lora_dpo.config import LoraConfig
-    from lora_dpo.export import save_lora_adapter
-
-    made = {}
-    for family, tiny in (("sd15", tiny_sd15), ("sdxl", tiny_sdxl)):
-        unet = UNet2DConditionModel.from_pretrained(tiny / "unet")
-        params = add_lora(unet, LoraConfig(r=4, lora_alpha=4))
-        gen_ = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for p in params:
-                p.copy_(torch.randn(p.shape, generator=gen_) * 0.3)
-        folder = tmp_path_factory.mktemp("adapters") / f"style-{family}"
-        made[family] = save_lora_adapter(folder, unet, family).parent
-    return made
+    root = tmp_path_factory.mktemp("adapters")
+    return {family: save_random_lora(root / f"style-{family}", tiny, family, r=4, lora_alpha=4, std=0.3, seed=1)
+            for family, tiny in (("sd15", tiny_sd15), ("sdxl", tiny_sdxl))}
 
 
 def _pixels(path) -> np.ndarray:
