@@ -14,11 +14,14 @@ like the LoRA it came from.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+
+log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 REFERENCE_ADAPTER = "reference"
@@ -91,6 +94,9 @@ def add_lora_from(unet: torch.nn.Module, path, family: str) -> list[torch.nn.Par
         str(file.parent), weight_name=file.name, unet_config=unet.config, use_safetensors=True,
         return_lora_metadata=True,
     )
+    if any(k.startswith("text_encoder") for k in state):
+        log.warning("%s also holds text-encoder LoRA weights: lora-dpo trains the UNet only, so policy and reference "
+                    "use its UNet part, and the exported adapter holds no text-encoder weights", file)
     unet.requires_grad_(False)
     for name in (REFERENCE_ADAPTER, ADAPTER_NAME):
         with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point

@@ -133,3 +133,19 @@ def test_starting_from_a_kohya_file(tiny_sd15, photo_pairs, start_lora, tmp_path
     assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     with result.policy.reference() as ref:
         assert torch.allclose(_unet_out(ref), with_start, atol=1e-5)
+
+
+def test_text_encoder_part_of_a_starting_lora_is_reported(tiny_sd15, photo_pairs, start_lora, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    from lora_dpo.lora_files import read_lora_file
+
+    tensors, metadata = read_lora_file(start_lora)
+    te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    tensors.update({f"{te}.lora_A.weight": torch.randn(4, 32), f"{te}.lora_B.weight": torch.randn(32, 4)})
+    save_file(tensors, tmp_path / "with_te.safetensors", metadata=metadata)
+    _run(tiny_sd15, photo_pairs, tmp_path / "run", f"lora.init_from={tmp_path / 'with_te.safetensors'}",
+         "train.max_steps=1")
+    assert "text-encoder LoRA weights" in caplog.text
+    assert _metrics(tmp_path / "run")[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert not any(k.startswith("text_encoder") for k in load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors"))
