@@ -72,6 +72,9 @@ class DataConfig(_Section):
     max_pairs: int | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0)
     cache_dir: str | None = None
+    # A folder written by `lora-dpo cache`: VAE latents and text embeddings (and, if built with them, the reference
+    # errors of fixed draws) instead of images; training then loads neither the VAE nor the text encoders.
+    latent_cache: str | None = None
 
 
 class ReferenceConfig(_Section):
