@@ -26,12 +26,14 @@ dense bf16/fp16 peak (``--peak-tflops``, known for H100/H200).
     python benchmarks/step_cost.py --preset cpu         # SD1.5 512 px + SDXL 512 px on the CPU (about an hour)
     python benchmarks/step_cost.py --preset cpu --default-malloc    # the same, CPU step times
     python benchmarks/step_cost.py --preset gpu         # SD1.5 512 px + SDXL 1024 px, bf16, on one GPU
+    python benchmarks/step_cost.py --preset cache --default-malloc   # SD1.5 512 px from images / cache / cache+ref
     python benchmarks/step_cost.py --arch sd15 --mode lora-dpo full-dpo --optim adafactor --resolution 256
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -39,13 +41,17 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ARCHES = ("tiny", "tiny-sdxl", "sd15", "sdxl")
 MODES = ("lora-dpo", "lora-sft", "full-dpo", "full-sft")
 OPTIMS = ("adamw", "adamw8bit", "adafactor")
-FIELDS = ("arch", "mode", "pairs", "resolution", "mixed_precision", "gradient_checkpointing", "optim",
+FIELDS = ("arch", "mode", "data", "pairs", "resolution", "mixed_precision", "gradient_checkpointing", "optim",
           "reference_dtype", "reference_offload")
+# images: VAE and text encoders run every step; cache: latents and text embeddings from a latent cache (neither
+# encoder loaded); cache+ref: also precomputed reference errors (no reference forward, no reference copy).
+DATA = ("images", "cache", "cache+ref")
 # Dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; the first entry whose words
 # all appear in torch.cuda.get_device_name() wins ("NVIDIA H100 80GB HBM3" is the SXM part).
 PEAK_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("A100", 312.0)]
@@ -68,6 +74,14 @@ def preset(name: str) -> list[dict]:
             dict(sd15, mode="full-dpo", optim="adamw"), dict(sd15, mode="full-sft", optim="adamw"),
             dict(sd15, mode="full-dpo", optim="adamw8bit"), dict(sd15, mode="full-dpo", optim="adafactor"),
             dict(sdxl, mode="lora-dpo", optim="adamw"), dict(sdxl, mode="lora-sft", optim="adamw"),
+        ]
+    if name == "cache":  # SD1.5 512 px fp32, 1 pair: the latent cache and the precomputed reference
+        sd15 = dict(arch="sd15", pairs=1, resolution=512, mixed_precision="no", gradient_checkpointing=True,
+                    optim="adamw")
+        return [
+            dict(sd15, mode="lora-dpo", data="images"), dict(sd15, mode="lora-dpo", data="cache"),
+            dict(sd15, mode="lora-dpo", data="cache+ref"), dict(sd15, mode="lora-sft", data="cache"),
+            dict(sd15, mode="full-dpo", data="cache+ref"), dict(sd15, mode="full-sft", data="cache"),
         ]
     if name == "gpu":  # bf16; SD1.5 at 512 px with 8 pairs, SDXL at 1024 px with 4 pairs
         sd15 = dict(arch="sd15", pairs=8, resolution=512, mixed_precision="bf16", gradient_checkpointing=False)
@@ -114,11 +128,6 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
     started = time.perf_counter()
     components = build_components(spec["arch"], weight_dtype, device,
                                   unet_dtype=torch.float32 if kind == "full" else None)
-    components, policy, weight_dtype = setup_policy(cfg, device, components)
-    optimizer = build_optimizer(policy.params, cfg.optim)
-    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
-    setup_s = time.perf_counter() - started
-    generator = torch.Generator(device).manual_seed(0)
     # The same images through the UNet: N pairs for DPO (2N images), 2N pairs' preferred images for SFT.
     n = spec["pairs"] * (2 if loss == "sft" else 1)
     res = spec["resolution"]
@@ -127,6 +136,18 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
         original_size=torch.full((2 * n, 2), res), crop_top_left=torch.zeros(2 * n, 2, dtype=torch.long),
         target_size=torch.full((2 * n, 2), res), indices=list(range(n)),
     )
+    data = spec.get("data", "images")
+    if data != "images":  # what a cache row holds, then the encoders are dropped (training from a cache loads none)
+        batch = _cached_batch(components, batch, with_reference=data == "cache+ref")
+        components = replace(components, vae=None, text_encoders=[], tokenizers=[],
+                             scaling_factor=components.latent_scale)
+        gc.collect()
+    components, policy, weight_dtype = setup_policy(cfg, device, components,
+                                                    precomputed_reference=data == "cache+ref")
+    optimizer = build_optimizer(policy.params, cfg.optim)
+    unet, optimizer = accelerator.prepare(policy.unet, optimizer)
+    setup_s = time.perf_counter() - started
+    generator = torch.Generator(device).manual_seed(0)
 
     def step():
         loss_, _ = dpo_micro_step(components, unet, policy.reference, batch, generator, cfg.loss.beta, accelerator,
@@ -171,6 +192,29 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
     }
 
 
+def _cached_batch(components, batch, with_reference: bool):
+    """The :class:`lora_dpo.cache.CachedBatch` a cache would give for ``batch`` (posterior and text encoded now;
+    with ``with_reference``, a fixed draw and stand-in reference errors: their values do not change the cost)."""
+    import torch
+
+    from lora_dpo.cache import CachedBatch
+    from lora_dpo.models import encode_prompts
+
+    with torch.no_grad():
+        vae = components.vae
+        dist = vae.encode(batch.pixel_values.to(vae.device, vae.dtype)).latent_dist
+        text = encode_prompts(components, batch.captions)
+    cached = CachedBatch(dist.mean, dist.std, text, batch.original_size, batch.crop_top_left, batch.target_size,
+                         batch.indices)
+    if with_reference:
+        n = batch.num_pairs
+        latents = dist.mean.float() * components.latent_scale
+        noise = torch.randn((n, *latents.shape[1:]), device=latents.device)
+        timesteps = torch.randint(0, 1000, (n,), device=latents.device)
+        cached.fixed, cached.ref_mse = (latents, noise, timesteps), torch.rand(2 * n, device=latents.device)
+    return cached
+
+
 def _device_name(device) -> str:
     import torch
 
@@ -193,19 +237,20 @@ def _known_peak(device) -> float | None:
 
 def table(results: list[dict]) -> str:
     """The results as a markdown table."""
-    head = ("| arch | mode | optimizer | px | precision | grad ckpt | images/step | step time (s) | images/s | "
+    head = ("| arch | mode | data | optimizer | px | precision | grad ckpt | images/step | step time (s) | images/s | "
             "peak memory (GiB) | TFLOP/step | utilisation |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['arch']} | {r['mode']} | {r['optim']} | {r['resolution']} | {r['mixed_precision']} | "
-                         f"{'yes' if r['gradient_checkpointing'] else 'no'} | {2 * r['pairs']} | {r['error']} | | | | |")
+            lines.append(f"| {r['arch']} | {r['mode']} | {r.get('data', 'images')} | {r['optim']} | {r['resolution']} | "
+                         f"{r['mixed_precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | {2 * r['pairs']} | "
+                         f"{r['error']} | | | | |")
             continue
         spread = max(r["step_times_s"]) - min(r["step_times_s"])
         util = f"{100 * r['utilisation']:.0f}%" if r.get("utilisation") else "n/a"
         lines.append(
-            f"| {r['arch']} | {r['mode']} | {r['optim']} | {r['resolution']} | {r['mixed_precision']} | "
-            f"{'yes' if r['gradient_checkpointing'] else 'no'} | {r['images_through_unet']} | "
+            f"| {r['arch']} | {r['mode']} | {r.get('data', 'images')} | {r['optim']} | {r['resolution']} | "
+            f"{r['mixed_precision']} | {'yes' if r['gradient_checkpointing'] else 'no'} | {r['images_through_unet']} | "
             f"{r['step_time_s']:.3g} (±{spread / 2:.2g}) | {r['images_per_second']:.3g} | {r['peak_memory_gb']:.2f} | "
             f"{r['flops_per_step'] / 1e12:.3g} | {util} |"
         )
@@ -219,21 +264,36 @@ def ratios(results: list[dict]) -> list[str]:
     key = lambda r: (r["arch"], r["resolution"], r["mixed_precision"], r["gradient_checkpointing"])  # noqa: E731
     for group, rows in itertools.groupby(sorted(ok, key=key), key=key):
         rows = list(rows)
-        by = {(r["mode"], r["optim"]): r for r in rows}
+        by = {(r["mode"], r["optim"], r.get("data", "images")): r for r in rows}
         for optim in OPTIMS:
-            dpo, sft, full = by.get(("lora-dpo", optim)), by.get(("lora-sft", optim)), by.get(("full-dpo", optim))
             label = f"{group[0]} {group[1]} px {group[2]} ckpt={group[3]} {optim}"
+            dpo, sft, full = (by.get((m, optim, "images")) for m in ("lora-dpo", "lora-sft", "full-dpo"))
             if dpo and sft:
                 out.append(f"{label}: LoRA-DPO / LoRA-SFT memory {dpo['peak_memory_gb'] / sft['peak_memory_gb']:.3f}, "
                            f"step time {dpo['step_time_s'] / sft['step_time_s']:.3f}")
             if dpo and full:
                 out.append(f"{label}: LoRA-DPO / full-DPO memory {dpo['peak_memory_gb'] / full['peak_memory_gb']:.3f}")
+            cached, ref = by.get(("lora-dpo", optim, "cache")), by.get(("lora-dpo", optim, "cache+ref"))
+            sft_cached = by.get(("lora-sft", optim, "cache"))
+            full_ref, full_sft = by.get(("full-dpo", optim, "cache+ref")), by.get(("full-sft", optim, "cache"))
+            if dpo and cached:
+                out.append(f"{label}: LoRA-DPO from the cache / from images, step time "
+                           f"{cached['step_time_s'] / dpo['step_time_s']:.3f}")
+            if ref and sft_cached:
+                out.append(f"{label}: LoRA-DPO with precomputed reference / LoRA-SFT (both cached), step time "
+                           f"{ref['step_time_s'] / sft_cached['step_time_s']:.3f}")
+            if full_ref and full_sft:
+                out.append(f"{label}: full-DPO with precomputed reference / full-SFT (both cached), peak memory "
+                           f"{full_ref['peak_memory_gb'] / full_sft['peak_memory_gb']:.3f}")
     return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=["cpu", "gpu"], help="the README's configurations (overrides the rest)")
+    parser.add_argument("--preset", choices=["cpu", "gpu", "cache"],
+                        help="the README's configurations (overrides the rest)")
+    parser.add_argument("--data", nargs="+", default=["images"], choices=DATA,
+                        help="images, or a latent cache (cache), with precomputed reference errors (cache+ref)")
     parser.add_argument("--arch", nargs="+", default=["tiny", "tiny-sdxl"], choices=ARCHES)
     parser.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--optim", nargs="+", default=["adamw"], choices=OPTIMS)
@@ -258,13 +318,14 @@ def main() -> None:
         print(json.dumps(run_worker(spec, spec.pop("steps"), spec.pop("warmup"))))
         return
     if args.preset:
-        specs = [dict(reference_dtype="auto", reference_offload=False, **s) for s in preset(args.preset)]
+        specs = [{"reference_dtype": "auto", "reference_offload": False, "data": "images", **s}
+                 for s in preset(args.preset)]
     else:
         specs = [
-            dict(arch=a, mode=m, optim=o, pairs=args.pairs, resolution=args.resolution,
+            dict(arch=a, mode=m, optim=o, data=d, pairs=args.pairs, resolution=args.resolution,
                  mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
                  reference_dtype=args.reference_dtype, reference_offload=args.reference_offload)
-            for a, m, o in itertools.product(args.arch, args.mode, args.optim)
+            for a, m, o, d in itertools.product(args.arch, args.mode, args.optim, args.data)
         ]
     results = []
     for spec in specs:

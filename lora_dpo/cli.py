@@ -86,6 +86,19 @@ def cmd_train(args) -> int:
     return _run_training(load_config(args.recipe, args.overrides))
 
 
+def cmd_cache(args) -> int:
+    """Encode a recipe's pairs once (latents, text embeddings, optionally reference errors) into a keyed cache."""
+    from lora_dpo.cache import build_cache
+    from lora_dpo.config import load_config
+
+    cfg = load_config(args.recipe, args.overrides)
+    manifest = build_cache(cfg, args.out, shard_size=args.shard_size, batch_size=args.batch_size,
+                           reference_draws=args.reference_draws, storage_dtype=args.dtype, overwrite=args.overwrite)
+    print(f"cache {args.out}: {manifest['pairs']} pairs in {len(manifest['shards'])} shards, skipped "
+          f"{json.dumps(manifest['skipped'])}; train from it with data.latent_cache={args.out}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Train LoRA-DPO on the committed digits world, then evaluate it against the base model."""
     from lora_dpo.demo import train_and_evaluate
@@ -172,16 +185,27 @@ def cmd_export(args) -> int:
 
 
 def cmd_prefs(args) -> int:
-    """Sample image pairs, label them with a scorer (AI feedback), write a Pick-a-Pic parquet; print the report."""
-    from lora_dpo.prefs import build_preference_set
+    """Sample image pairs and label them with a scorer (AI feedback), or with --relabel re-label an existing
+    preference set with a scorer; write a Pick-a-Pic parquet; print the report."""
+    from lora_dpo.prefs import build_preference_set, relabel_preference_set
     from lora_dpo.prompts import load_prompts
     from lora_dpo.scorers import load_scorer
 
-    report = build_preference_set(
-        args.model, load_scorer(args.scorer), load_prompts(args.prompts), args.pairs_per_prompt, args.out,
-        seed_offset=args.seed_offset, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        batch_size=args.batch_size,
-    )
+    if args.relabel is None and args.pairs_per_prompt is None:
+        raise ValueError("--pairs-per-prompt is required when sampling with --model")
+    if args.relabel is not None and args.pairs_per_prompt is not None:
+        raise ValueError("--pairs-per-prompt applies to sampling (--model), not to --relabel")
+    # The scorer loads first: a bad --scorer fails before any data is read or generated.
+    scorer = load_scorer(args.scorer, device=args.device, batch_size=args.batch_size)
+    if args.relabel is not None:
+        report = relabel_preference_set(args.relabel, scorer, args.out, tie_margin=args.tie_margin,
+                                        batch_size=args.batch_size, split=args.split)
+    else:
+        report = build_preference_set(
+            args.model, scorer, load_prompts(args.prompts), args.pairs_per_prompt, args.out,
+            seed_offset=args.seed_offset, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            batch_size=args.batch_size,
+        )
     print(json.dumps(report, indent=2))
     return 0
 
@@ -209,6 +233,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("recipe", help="recipe YAML, e.g. recipes/sd15/lora_dpo.yaml")
         p.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("cache", help="encode a recipe's pairs once: VAE latents, text embeddings, reference errors")
+    p.add_argument("recipe", help="the recipe the cache serves (model, data, resolution, ...)")
+    p.add_argument("overrides", nargs="*", help="section.key=value")
+    p.add_argument("--out", required=True, help="cache folder (an interrupted build continues there)")
+    p.add_argument("--reference-draws", type=int, default=0,
+                   help="K > 0: also precompute the reference errors of K fixed draws per pair (no reference pass "
+                        "in training; full mode keeps no reference copy)")
+    p.add_argument("--shard-size", type=int, default=1000, help="pairs per Arrow shard (the unit of resume)")
+    p.add_argument("--batch-size", type=int, default=8, help="pairs per encoder call")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="storage dtype of the latents (default: the VAE's, exact)")
+    p.add_argument("--overwrite", action="store_true", help="replace a cache built for another recipe")
+    p.set_defaults(fn=cmd_cache)
     p = sub.add_parser("demo", help="offline demo: LoRA-DPO on the digits world, then its evaluation")
     p.add_argument("overrides", nargs="*", help="section.key=value")
     p.set_defaults(fn=cmd_demo)
@@ -267,17 +304,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--no-grid", action="store_true", help="with adapters: skip the adapter-off images and grid")
     p.set_defaults(fn=cmd_generate)
-    p = sub.add_parser("prefs", help="build preference pairs labelled by a scorer (AI feedback), Pick-a-Pic parquet")
-    p.add_argument("--model", required=True, help="diffusers pipeline folder to sample from")
-    p.add_argument("--scorer", required=True, help="'jpeg' or a folder with classifier.json")
+    p = sub.add_parser("prefs", help="preference pairs labelled by a scorer (AI feedback), Pick-a-Pic parquet: "
+                                      "sampled from a model (--model) or re-labelled from a data set (--relabel)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers pipeline folder to sample from")
+    source.add_argument("--relabel", metavar="DATASET",
+                        help="re-label this preference set (Pick-a-Pic parquet/folder/hub id) with the scorer; "
+                             "writes label_0 from the scorer, score_0/score_1, label_0_original, and a report")
+    p.add_argument("--scorer", required=True,
+                   help="'jpeg', or a folder with classifier.json (digits), aesthetic.json (LAION aesthetic "
+                        "predictor) or a CLIP config.json (CLIP score / PickScore)")
     p.add_argument("--prompts", default="digits", help="'digits' (the ten digit captions) or a text file, one per line")
-    p.add_argument("--pairs-per-prompt", type=int, required=True, help="pairs per prompt (two seeds each)")
+    p.add_argument("--pairs-per-prompt", type=int, default=None, help="pairs per prompt (two seeds each); --model")
     p.add_argument("--seed-offset", type=int, default=0,
                    help="pair k uses seeds S+2k, S+2k+1; give held-out sets a disjoint range")
     p.add_argument("--out", required=True, help="output parquet file")
     p.add_argument("--steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
-    p.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
+    p.add_argument("--batch-size", type=int, default=64,
+                   help="images per pipeline call and per scorer pass; --relabel: also pairs per batch")
+    p.add_argument("--tie-margin", type=float, default=0.0,
+                   help="--relabel: |score_0 - score_1| <= margin is a tie (label_0 0.5)")
+    p.add_argument("--split", default="train", help="--relabel: split of a hub data set / saved DatasetDict")
+    p.add_argument("--device", default=None, help="scorer device; default: cuda when available, else cpu")
     p.set_defaults(fn=cmd_prefs)
     p = sub.add_parser("world", help="build the digits world: a small real text-to-image model and its AI feedback")
     world = p.add_subparsers(dest="world_command", required=True)

@@ -51,13 +51,28 @@ class LoraConfig(_Section):
 
 
 class DataConfig(_Section):
-    """Preference pairs in the Pick-a-Pic schema (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``)."""
+    """Preference pairs in the Pick-a-Pic schema (``caption``, ``jpg_0``, ``jpg_1``, ``label_0``).
+
+    ``dataset`` is a hub id (``yuvalkirstain/pickapic_v2``), a .parquet/.arrow/.json/.jsonl/.csv file, a glob
+    of such files (``/data/pickapic/train-*.parquet``), a folder of them (hub-style shards
+    ``SPLIT-00000-of-00009.*`` are picked by ``split``), a ``Dataset.save_to_disk`` folder, or a folder of
+    ``w/`` and ``l/`` image subfolders with matching file names plus a ``metadata.jsonl`` (``{"file_name":
+    ..., "caption": ...}`` per pair). A table of ``preferred``/``rejected`` image columns (e.g. a CSV
+    ``caption,preferred,rejected``) needs no label. See :func:`lora_dpo.data.load_preference_dataset`.
+    """
 
     dataset: str = "yuvalkirstain/pickapic_v2"
     split: str = "train"
     caption_column: str = "caption"
     image_columns: tuple[str, str] = ("jpg_0", "jpg_1")
-    label_column: str = "label_0"
+    # 1: the first image column is preferred, 0: the second, 0.5: a tie. null: the first image column always
+    # holds the preferred image (tables of preferred/rejected pairs).
+    label_column: str | None = "label_0"
+    # Folder that relative image paths in the image columns are resolved against (default: the data file's
+    # folder). A name that is not a file is also tried with .jpg/.jpeg/.png/.webp/.bmp/.gif/.tif/.tiff
+    # appended, so Pick-a-Pic's uids work: pickapic_v2_no_images -> image_columns=[image_0_uid, image_1_uid],
+    # image_root=<folder of the images>.
+    image_root: str | None = None
     resolution: int = Field(512, gt=0)
     random_crop: bool = False
     random_flip: bool = True
@@ -69,8 +84,29 @@ class DataConfig(_Section):
     # `lora-dpo prefs`); pairs of two equally good (or bad) images carry little preference signal.
     min_score_gap: float | None = Field(None, ge=0)
     score_columns: tuple[str, str] = ("score_0", "score_1")
+    # Pick-a-Pic's boolean column: rows where it is false (the two images are not different) are dropped
+    # (`not_different`). Ignored when the data set has no such column (an explicitly set name must exist);
+    # null: no such filter.
+    are_different_column: str | None = "are_different"
+    # Drop a row whose (caption, preferred image bytes, rejected image bytes) repeats an earlier kept row
+    # (`duplicate`; the first one is kept), and a row whose two images are byte-identical
+    # (`identical_images`). Both hash every image (sha1) at load time: image files are then read in full, not
+    # only their headers.
+    drop_duplicates: bool = False
+    drop_identical_images: bool = False
     max_pairs: int | None = Field(None, gt=0)
+    # Processes for the load-time checks (datasets.map num_proc); None: in this process. Not used when
+    # streaming.
+    num_proc: int | None = Field(None, gt=0)
     num_workers: int = Field(0, ge=0)
+    # Read the data as a stream (datasets IterableDataset, `load_dataset(..., streaming=True)`) instead of
+    # loading it whole, for sets that do not fit on disk: checks run on the fly, pairs come from
+    # lora_dpo.data.StreamingPairs.
+    streaming: bool = False
+    # Streaming only: rows in the shuffle buffer (IterableDataset.shuffle; shard order is shuffled too). 0:
+    # stored order. Rows in the buffer at a checkpoint are not seen again after resuming (datasets' documented
+    # limit).
+    shuffle_buffer: int = Field(1000, ge=0)
     cache_dir: str | None = None
     # A folder written by `lora-dpo cache`: VAE latents and text embeddings (and, if built with them, the reference
     # errors of fixed draws) instead of images; training then loads neither the VAE nor the text encoders.

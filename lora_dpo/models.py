@@ -109,14 +109,15 @@ class Components:
     noise_scheduler: Any
     prediction_type: str
     model_index: dict[str, Any] = field(default_factory=dict)
+    scaling_factor: float | None = None  # the VAE's, when the VAE itself is not loaded (training from a cache)
 
     @property
     def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
+        return float(self.vae.config.scaling_factor) if self.vae is not None else float(self.scaling_factor)
 
 
 def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device | str = "cpu",
-                    unet_dtype: torch.dtype | None = None) -> Components:
+                    unet_dtype: torch.dtype | None = None, encoders: bool = True) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler; freeze all of them.
 
     Args:
@@ -126,6 +127,8 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
         device: where the modules are placed.
         unet_dtype: the UNet's dtype when it differs from ``weight_dtype`` (fp32 for full fine-tuning, whose
             master weights must not start from rounded ones).
+        encoders: False leaves out the VAE, text encoders and tokenizers (``vae=None``, empty lists; the VAE's
+            scaling factor is read from its config): training from a latent cache needs only the UNet.
 
     Raises:
         ModelLoadError: see :func:`read_model_index`; a prediction type other than epsilon / v_prediction.
@@ -156,6 +159,10 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
 
     with safetensors_only(name):
         unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=unet_dtype or weight_dtype, **wkw)
+        if not encoders:
+            unet.requires_grad_(False).eval().to(device)
+            scale = AutoencoderKL.load_config(name, subfolder="vae", **kw).get("scaling_factor", 0.18215)
+            return Components(family, unet, None, [], [], scheduler, prediction_type, index, float(scale))
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=vae_dtype, **wkw)
         tokenizers = [AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)]
         text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=weight_dtype, **wkw)]

@@ -179,7 +179,7 @@ def run_reference_lora(cfg, run_dir: str | Path, fresh: bool, write: bool) -> Pa
 
 
 def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family: str = "sd15",
-                 init_lora: str | Path | None = None) -> Policy:
+                 init_lora: str | Path | None = None, precomputed_reference: bool = False) -> Policy:
     """Turn a loaded UNet into the policy of ``cfg.train.mode`` (in place), with its reference.
 
     Args:
@@ -191,6 +191,8 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family:
         family: ``sd15`` or ``sdxl`` (reads the keys of a starting LoRA).
         init_lora: the LoRA to start from and compare against; default ``cfg.lora.init_from`` (training passes the
             run folder's copy, so a resumed run keeps the reference it started with).
+        precomputed_reference: the reference errors come from a latent cache (:mod:`lora_dpo.cache`): full mode
+            builds no frozen copy (its memory is saved), and the policy's ``reference()`` is never entered.
     Returns:
         A :class:`Policy` whose UNet is in train mode, with gradient checkpointing if asked.
     Raises:
@@ -208,7 +210,7 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family:
     else:
         if next(unet.parameters()).dtype != torch.float32:
             raise ValueError("train.mode=full trains fp32 master weights: load the UNet with unet_dtype=float32")
-        if cfg.loss.type != "sft":
+        if cfg.loss.type != "sft" and not precomputed_reference:
             compute_dtype = DTYPES[cfg.train.mixed_precision]
             ref_dtype = torch.float32 if cfg.reference.dtype == "auto" else DTYPES[cfg.reference.dtype]
             frozen = frozen_copy(unet, ref_dtype, "cpu" if cfg.reference.offload else device)

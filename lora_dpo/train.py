@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lora_dpo import checkpoint as ckpt
+from lora_dpo.cache import CachedBatch, CachedPairs, check_cache
 from lora_dpo.config import ConfigError, RecipeConfig
 from lora_dpo.data import build_dataloader, load_preference_dataset
 from lora_dpo.export import write_model_card
@@ -130,29 +131,50 @@ def dpo_micro_step(components: Components, unet, reference: Callable[[], Abstrac
     batch = batch.to(device)
     num_pairs = batch.num_pairs
     sft = loss_type == "sft"
-    images = batch.pixel_values[:num_pairs] if sft else batch.pixel_values
-    latents = encode_images(components, images, generator)  # (2B, 4, h, w), preferred first; (B, ...) for SFT
-    gen_device = generator.device
-    noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=gen_device).to(device)
-    timesteps = torch.randint(
-        0, components.noise_scheduler.config.num_train_timesteps, (num_pairs,), generator=generator, device=gen_device
-    ).to(device)
-    if not sft:
+    rows = slice(0, num_pairs) if sft else slice(None)  # SFT: the B preferred images only
+    cached = isinstance(batch, CachedBatch)
+    if cached and batch.fixed is not None and not sft:  # precomputed reference: the draw its errors belong to
+        latents, noise, timesteps = batch.fixed
         noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
+    else:
+        latents = (sample_cached_latents(components, batch, generator, rows) if cached else
+                   encode_images(components, batch.pixel_values[rows], generator))  # (2B, 4, h, w), preferred first
+        gen_device = generator.device
+        noise = torch.randn(latents[:num_pairs].shape, generator=generator, device=gen_device).to(device)
+        timesteps = torch.randint(0, components.noise_scheduler.config.num_train_timesteps, (num_pairs,),
+                                  generator=generator, device=gen_device).to(device)
+        if not sft:
+            noise, timesteps = noise.repeat(2, 1, 1, 1), timesteps.repeat(2)
     noisy = components.noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
     target = training_target(components, latents, noise, timesteps)
-    cond = unet_conditioning(components, encode_prompts(components, batch.captions), batch, weight_dtype)
+    text = batch.text if cached else encode_prompts(components, batch.captions)
+    cond = unet_conditioning(components, text, batch, weight_dtype)
 
     if sft:
-        cond = {k: _rows(v, slice(0, num_pairs)) for k, v in cond.items()}
+        cond = {k: _rows(v, rows) for k, v in cond.items()}
         with accelerator.autocast():
             pred = unet(noisy, timesteps, **cond).sample
         return sft_loss(per_sample_mse(pred, target))
-    with torch.no_grad(), reference() as ref_unet, accelerator.autocast():
-        ref_pred = ref_unet(noisy, timesteps, **cond).sample
+    if cached and batch.ref_mse is not None:
+        ref_mse = batch.ref_mse
+    else:
+        with torch.no_grad(), reference() as ref_unet, accelerator.autocast():
+            ref_mse = per_sample_mse(ref_unet(noisy, timesteps, **cond).sample, target)
     with accelerator.autocast():
         pred = unet(noisy, timesteps, **cond).sample
-    return diffusion_dpo_loss(per_sample_mse(pred, target), per_sample_mse(ref_pred, target), beta)
+    return diffusion_dpo_loss(per_sample_mse(pred, target), ref_mse, beta)
+
+
+def sample_cached_latents(components: Components, batch: CachedBatch, generator: torch.Generator, rows: slice):
+    """``z = (mean + std·ε)·scaling_factor`` from a cached posterior, ε from ``generator``: what
+    :func:`lora_dpo.models.encode_images` computes from the images (diffusers' ``latent_dist.sample``).
+
+    Returns ``(2B, C, h, w)`` float32 (``(B, ...)`` for the SFT rows)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    mean, std = batch.latent_mean[rows], batch.latent_std[rows]
+    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * eps).float() * components.latent_scale
 
 
 def _rows(value, rows: slice):
@@ -161,21 +183,25 @@ def _rows(value, rows: slice):
 
 
 def setup_policy(cfg: RecipeConfig, device, components: Components | None = None,
-                 init_lora: str | Path | None = None) -> tuple[Components, Policy, torch.dtype]:
+                 init_lora: str | Path | None = None, encoders: bool = True,
+                 precomputed_reference: bool = False) -> tuple[Components, Policy, torch.dtype]:
     """Load the frozen components in the weight dtype of ``train.mixed_precision`` and build the policy.
 
     Args:
         components: already built components to use instead of loading ``cfg.model`` (the benchmarks pass
             random-weight real-size ones; in full mode their UNet must be fp32).
         init_lora: the starting LoRA to read instead of ``cfg.lora.init_from`` (the run folder's copy).
+        encoders: False loads only the UNet (training from a latent cache).
+        precomputed_reference: the reference errors come from the cache: full mode builds no frozen copy.
     Returns:
         ``(components, policy, weight dtype)``: see :func:`lora_dpo.policy.build_policy`.
     """
     weight_dtype = DTYPES[cfg.train.mixed_precision]
     if components is None:
         unet_dtype = torch.float32 if cfg.train.mode == "full" else weight_dtype
-        components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype)
-    return components, build_policy(cfg, components.unet, device, components.family, init_lora), weight_dtype
+        components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype, encoders=encoders)
+    policy = build_policy(cfg, components.unet, device, components.family, init_lora, precomputed_reference)
+    return components, policy, weight_dtype
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -285,7 +311,15 @@ def train(cfg: RecipeConfig) -> TrainResult:
     # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
     read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
     check_optimizer_available(cfg.optim)
-    dataset, data_report = load_preference_dataset(cfg.data)
+    manifest = None
+    if cfg.data.latent_cache:  # encoded pairs (and maybe reference errors) instead of images: a keyed, checked cache
+        manifest = check_cache(cfg, cfg.data.latent_cache)
+        dataset = CachedPairs(cfg.data.latent_cache, cfg.data, cfg.train.seed, manifest)
+        data_report = {**manifest["data_report"], "latent_cache": cfg.data.latent_cache,
+                       "skipped_when_cached": manifest["skipped"]}
+    else:
+        dataset, data_report = load_preference_dataset(cfg.data)
+    precomputed = bool(manifest and manifest["key"]["reference_draws"]) and cfg.loss.type != "sft"
     resume_path = ckpt.resolve_resume(cfg.train.resume_from, run_dir) if cfg.train.resume_from else None
     if resume_path is None and cfg.lora.init_from and cfg.train.mode == "lora":  # safetensors, fits the model
         check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)
@@ -321,7 +355,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
         torch.backends.cuda.matmul.allow_tf32 = cfg.train.allow_tf32
 
     # 3. Models: frozen components in the weight dtype; the policy's trainable weights in fp32, and its reference.
-    components, policy, weight_dtype = setup_policy(cfg, accelerator.device, init_lora=init_lora)
+    components, policy, weight_dtype = setup_policy(cfg, accelerator.device, init_lora=init_lora,
+                                                    encoders=manifest is None, precomputed_reference=precomputed)
     params = policy.params
 
     # 4. Optimizer and schedule (one schedule step per optimizer step).

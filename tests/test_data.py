@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import logging
+from collections import Counter
 
 import datasets
 import numpy as np
@@ -21,9 +23,11 @@ from lora_dpo.data import (
     PreferencePairs,
     SkipCounter,
     SkippedRow,
+    StreamingPairs,
     build_dataloader,
     collate_pairs,
     load_preference_dataset,
+    merge_reports,
 )
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
@@ -49,6 +53,13 @@ def write_parquet(path, rows: list[tuple]) -> str:
 def make_cfg(tmp_path, dataset, **kw) -> DataConfig:
     base = {"resolution": 16, "random_flip": False, "cache_dir": str(tmp_path / "hf_cache")}
     return DataConfig(dataset=str(dataset), **{**base, **kw})
+
+
+@pytest.fixture(autouse=True)
+def _no_stream_sleep(monkeypatch):
+    """datasets sleeps 5 s when some parquet streams end or are closed (its workaround for arrow issue 45214),
+    also when a test's stream is garbage-collected during a later test."""
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
 
 
 def is_red(pixels: torch.Tensor) -> bool:
@@ -392,7 +403,7 @@ def test_load_jsonl_with_relative_image_paths(tmp_path):
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
     cfg = make_cfg(tmp_path, tmp_path / "pairs.jsonl")
     ds, report = load_preference_dataset(cfg)
-    assert report["kept"] == 1 and report["skipped"] == {"missing_image": 1}
+    assert report["kept"] == 1 and report["skipped"] == {"missing_image_file": 1}  # a path that names no file
     ex = PreferencePairs(ds, cfg, seed=0)[0]
     assert is_red(ex["pixel_values"][0]) and not is_red(ex["pixel_values"][1])
 
@@ -462,3 +473,356 @@ def test_min_score_gap_filter(tmp_path):
     with pytest.raises(ValueError, match="data.score_columns"):
         load_preference_dataset(DataConfig(dataset=str(path), resolution=16, min_score_gap=0.3,
                                            score_columns=("r0", "r1")))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Other layouts, mapped into the Pick-a-Pic schema: each loads to the pairs of the equivalent Pick-a-Pic
+# parquet
+
+
+def noise_png(seed: int, h: int = 20, w: int = 24) -> bytes:
+    return img_bytes(Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)))
+
+
+def preference_triples(n: int, seed: int = 0) -> list[tuple[str, bytes, bytes]]:
+    """n pairs (caption, preferred PNG, rejected PNG) of distinct noise images of varied sizes."""
+    base = seed * 1000
+    return [(f"caption {i}", noise_png(base + 2 * i, 16 + 2 * i), noise_png(base + 2 * i + 1, 24, 18))
+            for i in range(n)]
+
+
+def pickapic_rows(triples) -> list[tuple]:
+    """As Pick-a-Pic stores them: every other pair with the preferred image second (label_0 = 0)."""
+    return [(c, win, lose, 1.0) if i % 2 == 0 else (c, lose, win, 0.0)
+            for i, (c, win, lose) in enumerate(triples)]
+
+
+def oriented_pairs(ds, cfg, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    pairs = PreferencePairs(ds, cfg, seed)
+    return [(pairs[i]["caption"], pairs[i]["pixel_values"]) for i in range(len(pairs))]
+
+
+def assert_same_pairs(got, expected) -> None:
+    assert [c for c, _ in got] == [c for c, _ in expected]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+
+
+def expected_pairs(tmp_path, triples, **kw):
+    """The pairs of the equivalent Pick-a-Pic parquet (bytes in the table, orientation by label)."""
+    ds, report, cfg = load(tmp_path, pickapic_rows(triples), **kw)
+    assert report["kept"] == len(triples)
+    return oriented_pairs(ds, cfg)
+
+
+def test_no_images_layout_joined_with_image_root(tmp_path):
+    triples = preference_triples(6)
+    expected = expected_pairs(tmp_path, triples)
+    images, meta = tmp_path / "images", tmp_path / "meta"
+    images.mkdir()
+    meta.mkdir()
+    names = ("caption", "image_0_uid", "image_1_uid", "image_0_url", "label_0", "label_1", "are_different")
+    table: dict[str, list] = {k: [] for k in names}
+    for i, (caption, first, second, label) in enumerate(pickapic_rows(triples)):
+        uids = [f"{i:04d}-aa1f", f"{i:04d}-bb2e"]  # uid-like names: no suffix in the table
+        for uid, data, suffix in zip(uids, (first, second), (".png", ".jpg" if i % 2 else ".webp")):
+            (images / (uid + suffix)).write_bytes(data)  # PIL reads the content, whatever the suffix
+        for key, value in zip(table, (caption, *uids, f"https://x/{uids[0]}", label, 1 - label, True)):
+            table[key].append(value)
+    (images / "lost-0.png").write_bytes(triples[0][1])
+    for key, value in zip(table, ("lost file", "lost-0", "lost-1", "", 1.0, 0.0, True)):  # lost-1: no file
+        table[key].append(value)
+    pq.write_table(pa.table(table), meta / "train.parquet")
+    cfg = make_cfg(tmp_path, meta / "train.parquet", image_columns=("image_0_uid", "image_1_uid"),
+                   image_root=str(images))
+    ds, report = load_preference_dataset(cfg)
+    assert report["rows"] == len(triples) + 1 and report["skipped"] == {"missing_image_file": 1}
+    assert_same_pairs(oriented_pairs(ds, cfg), expected)
+    assert all(path.startswith(str(images)) for path in ds["image_0_uid"])  # resolved, suffix found
+    hint = r"no_images.*image_columns=\[image_0_uid, image_1_uid\].*data.image_root"
+    with pytest.raises(ValueError, match=hint):
+        load_preference_dataset(make_cfg(tmp_path, meta / "train.parquet"))
+    with pytest.raises(FileNotFoundError, match="data.image_root"):
+        load_preference_dataset(cfg.model_copy(update={"image_root": str(tmp_path / "nope")}))
+    with pytest.raises(ValueError, match="missing_image_file.*data.image_root"):  # looked up by the table
+        load_preference_dataset(cfg.model_copy(update={"image_root": None}))
+
+
+def write_pair_folder(root, triples, caption_key: str = "caption") -> None:
+    for side in ("w", "l"):
+        (root / side / "sub").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, (caption, win, lose) in enumerate(triples):
+        name = f"sub/{i:03d}.png" if i == 1 else f"{i:03d}.png"
+        (root / "w" / name).write_bytes(win)
+        (root / "l" / name).write_bytes(lose)
+        lines.append({"file_name": name, caption_key: caption, "seed": i})
+    (root / "w" / "one_sided.png").write_bytes(triples[0][1])  # listed, but no rejected image
+    lines.append({"file_name": "one_sided.png", caption_key: "one sided"})
+    for side in ("w", "l"):  # a pair of images without a metadata line: no caption
+        (root / side / "zz_unlisted.png").write_bytes(triples[0][2])
+    (root / "metadata.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+
+
+def test_pair_folder_layout(tmp_path):
+    triples = preference_triples(5, seed=1)
+    expected = expected_pairs(tmp_path, triples)
+    root = tmp_path / "pairs"
+    write_pair_folder(root, triples)
+    cfg = make_cfg(tmp_path, root)
+    ds, report = load_preference_dataset(cfg)
+    assert report["rows"] == len(triples) + 2
+    assert report["skipped"] == {"missing_image_file": 1, "missing_caption": 1}
+    assert_same_pairs(oriented_pairs(ds, cfg), expected)
+    other = tmp_path / "text_key"
+    write_pair_folder(other, triples, caption_key="text")
+    with pytest.raises(ValueError, match="no 'caption' key.*data.caption_column.*'text'"):
+        load_preference_dataset(make_cfg(tmp_path, other))
+    text_cfg = make_cfg(tmp_path, other, caption_column="text")
+    assert_same_pairs(oriented_pairs(load_preference_dataset(text_cfg)[0], text_cfg), expected)
+    (root / "metadata.jsonl").unlink()
+    with pytest.raises(FileNotFoundError, match="metadata.jsonl"):
+        load_preference_dataset(cfg)
+
+
+def write_csv(path, header, rows) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def test_csv_of_paths_default_and_mapped_columns(tmp_path):
+    triples = preference_triples(5, seed=2)
+    expected = expected_pairs(tmp_path, triples)
+    (tmp_path / "imgs").mkdir()
+    rows = []
+    for i, (caption, win, lose) in enumerate(triples):
+        (tmp_path / "imgs" / f"{i}_w.png").write_bytes(win)
+        (tmp_path / "imgs" / f"{i}_l.png").write_bytes(lose)
+        rows.append([f"{caption}, with a comma", f"imgs/{i}_w.png", f"imgs/{i}_l.png"])
+    write_csv(tmp_path / "pairs.csv", ["caption", "preferred", "rejected"], rows)
+    cfg = make_cfg(tmp_path, tmp_path / "pairs.csv")
+    ds, report = load_preference_dataset(cfg)
+    assert report["kept"] == len(triples) and report["skipped"] == {}
+    got = oriented_pairs(ds, cfg)
+    assert_same_pairs([(c.removesuffix(", with a comma"), px) for c, px in got], expected)
+    streamed = list(StreamingPairs(cfg.model_copy(update={"shuffle_buffer": 0}), seed=0))
+    assert [e["caption"] for e in streamed] == [c for c, _ in got]
+    # Mapped columns: another header, no label (the first image column is the preferred one), two bad rows.
+    mapped_rows = [[*row, "x"] for row in rows] + [["lost", "imgs/0_w.png", "imgs/gone.png", "x"],
+                                                           ["", "imgs/0_w.png", "imgs/0_l.png", "x"]]
+    write_csv(tmp_path / "mapped.csv", ["prompt", "good", "bad", "note"], mapped_rows)
+    mapped = make_cfg(tmp_path, tmp_path / "mapped.csv", caption_column="prompt",
+                      image_columns=("good", "bad"), label_column=None)
+    ds2, report2 = load_preference_dataset(mapped)
+    assert report2["skipped"] == {"missing_image_file": 1, "missing_caption": 1}
+    assert_same_pairs(oriented_pairs(ds2, mapped), got)
+    with pytest.raises(ValueError, match="lacks column 'label_0'.*data.label_column=null"):
+        load_preference_dataset(mapped.model_copy(update={"label_column": "label_0"}))
+    with pytest.raises(ValueError, match=r"'bda' \(set data.image_columns, e.g. to 'bad'\).*good, bad, note"):
+        load_preference_dataset(mapped.model_copy(update={"image_columns": ("good", "bda")}))
+
+
+def test_hub_style_shards_glob_and_split(tmp_path):
+    folder = tmp_path / "snapshot" / "data"
+    folder.mkdir(parents=True)
+    red, blue = img_bytes(RED), img_bytes(BLUE)
+    shards = {"train-00000-of-00002.parquet": ["t0", "t1"], "train-00001-of-00002.parquet": ["t2"],
+              "test-00000-of-00001.parquet": ["x0", "x1"]}
+    for name, captions in shards.items():
+        write_parquet(folder / name, [(c, red, blue, 1.0) for c in captions])
+    captions = {split: sorted(c for n, cs in shards.items() if n.startswith(split + "-") for c in cs)
+                for split in ("train", "test")}
+    for split in ("train", "test"):
+        ds, report = load_preference_dataset(make_cfg(tmp_path, tmp_path / "snapshot", split=split))
+        assert sorted(ds["caption"]) == captions[split] and report["rows"] == len(captions[split])
+    with pytest.raises(ValueError, match=r"splits \['test', 'train'\].*data.split='validation'"):
+        load_preference_dataset(make_cfg(tmp_path, tmp_path / "snapshot", split="validation"))
+    ds, _ = load_preference_dataset(make_cfg(tmp_path, f"{folder}/train-*.parquet"))
+    assert sorted(ds["caption"]) == captions["train"]
+    ds, _ = load_preference_dataset(make_cfg(tmp_path, f"{tmp_path}/**/test-*.parquet"))
+    assert sorted(ds["caption"]) == captions["test"]
+    with pytest.raises(FileNotFoundError, match="matches no file"):
+        load_preference_dataset(make_cfg(tmp_path, f"{folder}/valid-*.parquet"))
+
+
+def test_hub_id_goes_through_load_dataset(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(*args, **kwargs):
+        calls.append((args, kwargs))
+        raise ConnectionError("Couldn't reach 'yuvalkirstain/pickapic_v2' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    cfg = DataConfig(dataset="yuvalkirstain/pickapic_v2", split="validation", resolution=16)
+    with pytest.raises(FileNotFoundError, match="pickapic_v2' is not a local path and could not be") as err:
+        load_preference_dataset(cfg)
+    assert "OfflineModeIsEnabled" in str(err.value) and "HF_HUB_OFFLINE" in str(err.value)
+    assert calls == [(("yuvalkirstain/pickapic_v2",),
+                      {"split": "validation", "cache_dir": None, "streaming": False})]
+    with pytest.raises(FileNotFoundError, match="could not be loaded"):
+        StreamingPairs(cfg.model_copy(update={"streaming": True}), seed=0)
+    assert calls[-1][1]["streaming"] is True
+    # A reachable hub (faked): its rows go through the same checks, streamed when asked.
+    rows = pickapic_rows(preference_triples(3))
+    table = datasets.Dataset.from_dict({"caption": [r[0] for r in rows], "jpg_0": [r[1] for r in rows],
+                                        "jpg_1": [r[2] for r in rows], "label_0": [r[3] for r in rows],
+                                        "are_different": [True, False, True]})
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda name, **kw: table.to_iterable_dataset() if kw["streaming"] else table)
+    ds, report = load_preference_dataset(cfg)
+    assert ds["caption"] == [rows[0][0], rows[2][0]] and report["skipped"] == {"not_different": 1}
+    stream = StreamingPairs(cfg.model_copy(update={"streaming": True, "shuffle_buffer": 0}), seed=0)
+    assert [e["caption"] for e in stream] == ds["caption"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Filters: are_different, identical images, duplicates
+
+
+def test_not_different_identical_and_duplicate_filters(tmp_path):
+    x, y, z = noise_png(1), noise_png(2), noise_png(3)
+    x_copy = bytes(x)
+    # (caption, jpg_0, jpg_1, label_0, are_different) -> the reason each row is dropped (None: kept).
+    annotated = [
+        (("cat", x, y, 1.0, True), None),
+        (("cat", x, y, 1.0, True), "duplicate"),
+        (("cat", y, x, 0.0, True), "duplicate"),  # the same preference stored the other way round
+        (("cat", y, x, 1.0, True), None),  # the opposite preference: not a duplicate
+        (("dog", x, y, 1.0, None), None),  # another caption; are_different unknown -> kept
+        (("same", x, x_copy, 1.0, True), "identical_images"),
+        (("nd", x, z, 1.0, False), "not_different"),
+        (("cat", x, y, 0.5, True), "tie"),
+        (("fox", z, y, 0.0, False), "not_different"),
+        (("fox", z, y, 0.0, True), None),  # repeats a dropped row only: kept
+        (("fox", z, y, 0.0, True), "duplicate"),
+    ]
+    columns = ["caption", "jpg_0", "jpg_1", "label_0", "are_different"]
+    pq.write_table(pa.table({c: [row[k] for row, _ in annotated] for k, c in enumerate(columns)}),
+                   tmp_path / "p.parquet")
+    cfg = make_cfg(tmp_path, tmp_path / "p.parquet", drop_duplicates=True, drop_identical_images=True)
+    expect_kept = [row[0] for row, reason in annotated if reason is None]
+    expect_skipped = Counter(reason for _, reason in annotated if reason)
+    ds, report = load_preference_dataset(cfg)
+    assert ds["caption"] == expect_kept and report["skipped"] == dict(expect_skipped)
+    assert report["kept"] + sum(report["skipped"].values()) == report["scanned"] == len(annotated)
+    parallel, parallel_report = load_preference_dataset(cfg.model_copy(update={"num_proc": 2}))
+    assert parallel["caption"] == expect_kept and parallel_report == report
+    # Off: only the metadata filters remain (the hash filters are opt-in; are_different can be turned off).
+    _, off = load_preference_dataset(make_cfg(tmp_path, tmp_path / "p.parquet"))
+    assert off["skipped"] == {k: v for k, v in expect_skipped.items() if k in ("tie", "not_different")}
+    _, none = load_preference_dataset(make_cfg(tmp_path, tmp_path / "p.parquet", are_different_column=None))
+    assert none["skipped"] == {"tie": expect_skipped["tie"]}
+    with pytest.raises(ValueError, match="data.are_different_column='are_diferent'.*'are_different'"):
+        load_preference_dataset(cfg.model_copy(update={"are_different_column": "are_diferent"}))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming
+
+
+def same_examples(a, b) -> bool:
+    """Two lists of PreferencePairs examples / SkippedRow markers are equal, tensors included."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, SkippedRow) or isinstance(y, SkippedRow):
+            if x != y:
+                return False
+        elif x.keys() != y.keys() or any(
+            not torch.equal(x[k], y[k]) if isinstance(x[k], torch.Tensor) else x[k] != y[k] for k in x
+        ):
+            return False
+    return True
+
+
+COUNTS = ("scanned", "kept", "skipped", "converted")
+
+
+def test_streaming_matches_map_style(tmp_path, messy_pairs):
+    table = pq.read_table(messy_pairs[0])
+    repeats = 4  # exact copies of the first (good) rows: duplicates
+    pq.write_table(pa.concat_tables([table, table.slice(0, repeats)]), tmp_path / "dups.parquet")
+    cfg = make_cfg(tmp_path, tmp_path / "dups.parquet", random_crop=True, random_flip=True,
+                   caption_dropout=0.3, drop_duplicates=True, shuffle_buffer=0)
+    ds, report = load_preference_dataset(cfg)
+    assert report["skipped"]["duplicate"] == repeats
+    mapped = [PreferencePairs(ds, cfg, seed=3)[i] for i in range(len(ds))]
+    assert any(isinstance(e, SkippedRow) for e in mapped)  # the truncated JPEG fails at decode in both paths
+    stream = StreamingPairs(cfg, seed=3)
+    assert stream.report()["complete"] is False
+    assert same_examples(list(stream), mapped)
+    assert {k: stream.report()[k] for k in COUNTS} == {k: report[k] for k in COUNTS}
+    assert stream.report()["complete"] and stream.epoch == 1
+    epoch1 = list(stream)  # the next pass: the same pairs, new draws
+    assert [e.index for e in epoch1 if isinstance(e, SkippedRow)] == [e.index for e in mapped
+                                                                       if isinstance(e, SkippedRow)]
+    assert not same_examples(epoch1, mapped)
+    capped = cfg.model_copy(update={"max_pairs": 5})
+    ds5, report5 = load_preference_dataset(capped)
+    stream5 = StreamingPairs(capped, seed=3)
+    assert same_examples(list(stream5), [PreferencePairs(ds5, capped, seed=3)[i] for i in range(len(ds5))])
+    assert {k: stream5.report()[k] for k in COUNTS} == {k: report5[k] for k in COUNTS}
+    with pytest.raises(ValueError, match="StreamingPairs"):
+        load_preference_dataset(cfg.model_copy(update={"streaming": True}))
+
+
+def test_streaming_splits_disjointly_across_ranks(tmp_path):
+    rows = [(f"c{i}", noise_png(2 * i), noise_png(2 * i + 1), [1.0, 0.0, 0.5][i % 3]) for i in range(14)]
+    (tmp_path / "two").mkdir()
+    write_parquet(tmp_path / "two" / "a.parquet", rows[:7])
+    write_parquet(tmp_path / "two" / "b.parquet", rows[7:])
+    sources = {"one file (every other row)": write_parquet(tmp_path / "one.parquet", rows),
+               "two files (a shard each)": tmp_path / "two"}
+    for name, source in sources.items():
+        for buffer in (0, 4):
+            cfg = make_cfg(tmp_path, source, shuffle_buffer=buffer)
+            ds, report = load_preference_dataset(cfg)
+            shares = [StreamingPairs(cfg, seed=0, num_replicas=2, rank=r) for r in range(2)]
+            examples = [list(share) for share in shares]
+            captions = [[e["caption"] for e in share] for share in examples]
+            assert all(captions) and set(captions[0]).isdisjoint(captions[1]), name
+            assert sorted(captions[0] + captions[1]) == sorted(ds["caption"]), name
+            indices = [e["index"] for share in examples for e in share]
+            assert len(set(indices)) == len(indices)  # distinct per-pair draws across ranks
+            merged = merge_reports([share.report() for share in shares])
+            assert {k: merged[k] for k in COUNTS} == {k: report[k] for k in COUNTS} and merged["complete"]
+            if buffer:
+                assert captions != [[c for c in ds["caption"] if c in share] for share in captions], name
+    with pytest.raises(ValueError, match="rank"):
+        StreamingPairs(cfg, seed=0, num_replicas=2, rank=2)
+
+
+def test_streaming_resumes_at_the_saved_position(tmp_path):
+    rows = [(f"c{i}", noise_png(2 * i), noise_png(2 * i + 1), float(i % 2)) for i in range(8)]
+    rows.insert(3, ("tie", noise_png(90), noise_png(91), 0.5))
+    rows.append(rows[1])  # a duplicate of a row read before the checkpoint, read after it
+    write_parquet(tmp_path / "p.parquet", rows)
+    cfg = make_cfg(tmp_path, tmp_path / "p.parquet", shuffle_buffer=0, drop_duplicates=True, random_crop=True,
+                   random_flip=True)
+    kept = len(load_preference_dataset(cfg)[0])
+    batch_size, before = 2, 2
+    after = 2 * (kept // batch_size) - before + 1  # runs into the third epoch
+
+    def take(stream, n):
+        it = stream.batches(batch_size)
+        return [next(it) for _ in range(n)], it
+
+    uninterrupted, _ = take(StreamingPairs(cfg, seed=1), before + after)
+    a = StreamingPairs(cfg, seed=1)
+    first, it = take(a, before)
+    state = json.loads(json.dumps(a.state_dict()))
+    rest = [next(it) for _ in range(after)]
+    b = StreamingPairs(cfg, seed=1)
+    b.load_state_dict(state)
+    resumed, _ = take(b, after)
+    for got, want in ((first + rest, uninterrupted), (resumed, rest)):
+        assert [x.captions for x in got] == [x.captions for x in want]
+        assert [x.indices for x in got] == [x.indices for x in want]
+        assert all(torch.equal(x.pixel_values, y.pixel_values) for x, y in zip(got, want))
+    assert b.epoch == a.epoch == 2 and b.report() == a.report()
+    assert a.report()["skipped"] == {"tie": 1, "duplicate": 1} and a.report()["complete"]
+    with pytest.raises(ValueError, match="train.seed"):
+        StreamingPairs(cfg, seed=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="train.batch_size"):
+        next(StreamingPairs(cfg, seed=1).batches(kept + 1))

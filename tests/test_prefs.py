@@ -1,9 +1,12 @@
-"""Seeded batched sampling, and preference sets labelled by a scorer (Pick-a-Pic parquet, the `prefs` command)."""
+"""Seeded batched sampling, preference sets labelled by a scorer (Pick-a-Pic parquet, the `prefs` command), and
+real preference sets re-labelled by a scorer (`prefs --relabel`)."""
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,14 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from test_scorers import save_tiny_clip
 
 from lora_dpo.cli import main
 from lora_dpo.config import DataConfig
-from lora_dpo.data import load_preference_dataset
-from lora_dpo.prefs import build_preference_set, pair_seeds
+from lora_dpo.data import _to_rgb, load_preference_dataset
+from lora_dpo.prefs import build_preference_set, pair_seeds, relabel_preference_set
 from lora_dpo.prompts import digit_caption
 from lora_dpo.sampling import generate_images
-from lora_dpo.scorers import JpegCompressibilityScorer
+from lora_dpo.scorers import JpegCompressibilityScorer, load_scorer
 
 STEPS = 2  # sampler steps: enough to exercise the loop, cheap on a CPU
 PROMPTS = [digit_caption(3), digit_caption(8)]
@@ -198,3 +202,306 @@ def test_prefs_cli_not_a_pipeline(tmp_path, capsys):
     code = main(["prefs", "--model", str(tmp_path), "--scorer", "jpeg", "--prompts", "digits",
                  "--pairs-per-prompt", "1", "--out", str(tmp_path / "o.parquet")])
     assert code == 2 and "no model_index.json" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# re-labelling real preference sets (AI feedback on real pairs)
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return save_tiny_clip(tmp_path_factory.mktemp("scorer") / "clip")
+
+
+class Recording:
+    """Wraps a scorer and records how many images each call gets."""
+
+    def __init__(self, scorer) -> None:
+        self.scorer, self.name, self.calls = scorer, scorer.name, []
+
+    def score(self, images, prompts):
+        self.calls.append(len(images))
+        return self.scorer.score(images, prompts)
+
+
+class Negated:
+    name = "negated_jpeg"
+
+    def score(self, images, prompts):
+        return -JpegCompressibilityScorer().score(images, prompts)
+
+
+def _decode(blob: bytes) -> Image.Image:
+    img = Image.open(io.BytesIO(blob))
+    img.load()
+    return _to_rgb(img)
+
+
+def _rows(path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def test_relabel_messy_pairs(messy_pairs, tiny_clip, tmp_path):
+    path, expected = messy_pairs
+    clip = load_scorer(str(tiny_clip), device="cpu")
+    first = relabel_preference_set(path, clip, tmp_path / "first.parquet")
+    diffs = np.array([r["score_0"] - r["score_1"] for r in _rows(tmp_path / "first.parquet")])
+    margin = float(np.median(np.abs(diffs)))  # about half of the pairs become ties
+
+    scorer = Recording(clip)
+    out = tmp_path / "relabelled.parquet"
+    report = relabel_preference_set(path, scorer, out, tie_margin=margin, batch_size=4)
+    bad = expected["undecodable_at_load"] + expected["truncated"]
+    assert report["rows"] == expected["rows"] == first["rows"]
+    assert report["skipped"] == {"undecodable_image": bad} == first["skipped"]
+    assert report["relabelled"] == expected["rows"] - bad
+    # Streamed: at most batch_size pairs (8 images) per scorer call, every written image scored once.
+    assert max(scorer.calls) <= 8 and sum(scorer.calls) == 2 * report["relabelled"]
+    assert json.loads((tmp_path / "relabelled.report.json").read_text()) == report
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+
+    inputs = {r["caption"]: r for r in _rows(path)}
+    rows = _rows(out)
+    assert [r["caption"] for r in rows] == [c for c in inputs if c not in ("garbage 0", "garbage 1", "truncated")]
+    for row in rows:
+        original = inputs[row["caption"]]
+        assert row["jpg_0"] == original["jpg_0"] and row["jpg_1"] == original["jpg_1"]  # bytes kept as they were
+        assert row["label_0_original"] == original["label_0"]
+        # The scores are the scorer's on these two images, and the label follows them and the margin.
+        by_hand = clip.score([_decode(row["jpg_0"]), _decode(row["jpg_1"])], [row["caption"]] * 2)
+        np.testing.assert_allclose([row["score_0"], row["score_1"]], by_hand, rtol=0, atol=1e-5)
+        s0, s1 = row["score_0"], row["score_1"]
+        assert row["label_0"] == (1.0 if s0 > s1 + margin else 0.0 if s1 > s0 + margin else 0.5)
+    ties = sum(r["label_0"] == 0.5 for r in rows)
+    assert report["ties"] == ties and 0 < ties < len(rows)
+    decided = [r for r in rows if r["label_0_original"] in (0.0, 1.0) and r["label_0"] != 0.5]
+    agreed = sum(r["label_0"] == r["label_0_original"] for r in decided)
+    assert (report["compared"], report["agreed"], report["flipped"]) == (len(decided), agreed, len(decided) - agreed)
+    assert report["agreement_rate"] == pytest.approx(agreed / len(decided))
+
+    # The trainer's loader reads it: the scorer's ties are dropped; data.min_score_gap filters on its scores.
+    _, loaded = load_preference_dataset(DataConfig(dataset=str(out), resolution=32))
+    assert loaded["kept"] == len(rows) - ties and loaded["skipped"] == {"tie": ties}
+    gaps = np.abs([r["score_0"] - r["score_1"] for r in rows])
+    min_gap = float(np.quantile(gaps, 0.75))
+    assert min_gap > margin
+    _, gapped = load_preference_dataset(DataConfig(dataset=str(out), resolution=32, min_score_gap=min_gap))
+    assert gapped["kept"] == int((gaps >= min_gap).sum()) and gapped["skipped"] == {"small_score_gap": int((gaps < min_gap).sum())}
+
+
+def test_relabel_agreement_by_hand(photo_pairs, tmp_path):
+    """Against a count made straight from the input file, then a second re-labelling keeps the human labels."""
+    inputs = _rows(photo_pairs)
+    jpeg = JpegCompressibilityScorer()
+    labels, originals = [], []
+    for row in inputs:
+        s0, s1 = jpeg.score([_decode(row["jpg_0"]), _decode(row["jpg_1"])], ["", ""])
+        labels.append(1.0 if s0 > s1 else 0.0 if s0 < s1 else 0.5)
+        originals.append(row["label_0"])
+    decided = [(new, old) for new, old in zip(labels, originals) if old in (0.0, 1.0) and new != 0.5]
+    agreed = sum(new == old for new, old in decided)
+    assert 0 < len(decided) and 0.5 in originals
+
+    out = tmp_path / "jpeg.parquet"
+    report = relabel_preference_set(photo_pairs, jpeg, out, batch_size=5)
+    assert report["relabelled"] == len(inputs) and report["skipped"] == {}
+    assert report["compared"] == len(decided) and report["agreed"] == agreed
+    assert report["agreement_rate"] == pytest.approx(agreed / len(decided))
+    assert report["original_label_counts"] == {"1.0": originals.count(1.0), "0.0": originals.count(0.0),
+                                               "0.5": originals.count(0.5), "other": 0}
+    assert report["original_ties_decided"] == sum(o == 0.5 and n != 0.5 for n, o in zip(labels, originals))
+    assert [r["label_0"] for r in _rows(out)] == labels
+    assert report["original_label_column"] == "label_0"
+
+    # Re-label the re-labelled set: label_0_original (the human labels) is kept and still the reference.
+    again = relabel_preference_set(out, Negated(), tmp_path / "negated.parquet")
+    rows = _rows(tmp_path / "negated.parquet")
+    assert [r["label_0_original"] for r in rows] == originals
+    assert [r["label_0"] for r in rows] == [{1.0: 0.0, 0.0: 1.0, 0.5: 0.5}[v] for v in labels]
+    assert again["original_label_column"] == "label_0_original"
+    assert (again["agreed"], again["flipped"]) == (report["flipped"], report["agreed"])
+
+
+def _png_bytes(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (12, 10), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class RedOverTwo:
+    """Score = red value of the top-left pixel / 2: exact numbers, for the tie boundary."""
+
+    name = "red_over_two"
+
+    def score(self, images, prompts):
+        return np.array([np.nan if img.getpixel((0, 0))[0] == 77 else img.getpixel((0, 0))[0] / 2 for img in images])
+
+
+def test_relabel_tie_margin_boundary(tmp_path):
+    """|score_0 - score_1| <= tie_margin is a tie; beyond it the higher score wins. Hand-made exact scores."""
+    reds = [(100, 100), (101, 100), (102, 100), (99, 100), (98, 100), (100, 103)]
+    originals = [1.0, 0.0, 1.0, 1.0, 1.0, 0.5]
+    pq.write_table(pa.table({
+        "caption": [f"pair {i}" for i in range(len(reds))],
+        "jpg_0": [_png_bytes((r0, 0, 0)) for r0, _ in reds], "jpg_1": [_png_bytes((r1, 0, 0)) for _, r1 in reds],
+        "label_0": originals,
+    }), tmp_path / "pairs.parquet")
+    report = relabel_preference_set(tmp_path / "pairs.parquet", RedOverTwo(), tmp_path / "out.parquet", tie_margin=0.5)
+    rows = _rows(tmp_path / "out.parquet")
+    # score differences 0, 0.5, 1, -0.5, -1, -1.5 with margin 0.5:
+    assert [r["label_0"] for r in rows] == [0.5, 0.5, 1.0, 0.5, 0.0, 0.0]
+    assert [r["score_0"] - r["score_1"] for r in rows] == [0.0, 0.5, 1.0, -0.5, -1.0, -1.5]
+    assert report["ties"] == 3 and report["label_0_counts"] == {"1.0": 1, "0.0": 2, "0.5": 3}
+    # Compared: rows 2 (1 vs 1, agrees) and 4 (0 vs 1, flipped); row 5 was a human tie the scorer decides.
+    assert (report["compared"], report["agreed"], report["flipped"]) == (2, 1, 1)
+    assert report["agreement_rate"] == 0.5 and report["original_ties_decided"] == 1
+    assert report["mean_abs_margin"] == pytest.approx((0 + 0.5 + 1 + 0.5 + 1 + 1.5) / 6)
+
+
+def test_relabel_skips_nonfinite_scores(tmp_path):
+    """A pair with a NaN score is skipped and counted; the rows after it keep their own images and scores."""
+    reds = [(10, 20), (77, 20), (30, 20), (40, 77), (50, 60)]
+    blobs = [(_png_bytes((r0, 1, 1)), _png_bytes((r1, 2, 2))) for r0, r1 in reds]
+    pq.write_table(pa.table({"caption": [f"p{i}" for i in range(5)], "jpg_0": [b[0] for b in blobs],
+                             "jpg_1": [b[1] for b in blobs], "label_0": [0.0] * 5}), tmp_path / "pairs.parquet")
+    report = relabel_preference_set(tmp_path / "pairs.parquet", RedOverTwo(), tmp_path / "out.parquet", batch_size=8)
+    assert report["skipped"] == {"nonfinite_score": 2} and report["relabelled"] == 3
+    rows = _rows(tmp_path / "out.parquet")
+    assert [r["caption"] for r in rows] == ["p0", "p2", "p4"]
+    assert [(r["jpg_0"], r["jpg_1"]) for r in rows] == [blobs[0], blobs[2], blobs[4]]
+    assert [(r["score_0"], r["score_1"], r["label_0"]) for r in rows] == [(5.0, 10.0, 0.0), (15.0, 10.0, 1.0),
+                                                                          (25.0, 30.0, 0.0)]
+
+
+def test_relabel_paths_and_image_features(tmp_path):
+    """Images given as relative paths (one missing) or as datasets Image features ({"bytes", "path"} dicts); extra
+    columns kept; the output holds each image's original bytes."""
+    import datasets
+
+    folder = tmp_path / "data"
+    (folder / "img").mkdir(parents=True)
+    blobs = [_png_bytes((40 * i, 10, 200 - 40 * i)) for i in range(5)]
+    for i, blob in enumerate(blobs):
+        (folder / "img" / f"{i}.png").write_bytes(blob)
+    pq.write_table(pa.table({
+        "caption": ["a", "b", "c", None],
+        "jpg_0": ["img/0.png", "img/1.png", "img/4.png", "img/0.png"],
+        "jpg_1": ["img/2.png", "img/missing.png", "img/3.png", "img/1.png"],
+        "label_0": [1.0, 0.0, 0.5, 1.0],
+        "user_id": [7, 8, 9, 10],
+    }), folder / "pairs.parquet")
+    report = relabel_preference_set(folder / "pairs.parquet", JpegCompressibilityScorer(), tmp_path / "out.parquet")
+    assert report["skipped"] == {"missing_image_file": 1, "missing_caption": 1} and report["relabelled"] == 2
+    table = pq.read_table(tmp_path / "out.parquet")
+    assert table.schema.field("jpg_0").type == pa.binary()
+    rows = table.to_pylist()
+    assert [(r["caption"], r["user_id"]) for r in rows] == [("a", 7), ("c", 9)]
+    assert (rows[0]["jpg_0"], rows[0]["jpg_1"], rows[1]["jpg_0"]) == (blobs[0], blobs[2], blobs[4])
+
+    features = datasets.Features({"caption": datasets.Value("string"), "jpg_0": datasets.Image(),
+                                  "jpg_1": datasets.Image(), "label_0": datasets.Value("float64")})
+    saved = datasets.Dataset.from_dict({
+        "caption": ["x", "y"], "jpg_0": [{"bytes": blobs[0], "path": None}, {"bytes": blobs[1], "path": None}],
+        "jpg_1": [{"bytes": blobs[2], "path": None}, {"bytes": b"junk", "path": None}], "label_0": [0.0, 1.0],
+    }, features=features)
+    saved.save_to_disk(str(tmp_path / "saved"))
+    report = relabel_preference_set(tmp_path / "saved", JpegCompressibilityScorer(), tmp_path / "saved.parquet")
+    assert report["skipped"] == {"undecodable_image": 1} and report["relabelled"] == 1
+    row = _rows(tmp_path / "saved.parquet")[0]
+    assert (row["caption"], row["jpg_0"], row["jpg_1"], row["label_0_original"]) == ("x", blobs[0], blobs[2], 0.0)
+    _, loaded = load_preference_dataset(DataConfig(dataset=str(tmp_path / "saved.parquet"), resolution=8))
+    assert loaded["kept"] + loaded["skipped"].get("tie", 0) == 1
+
+
+def test_relabel_pair_folder_and_csv(tmp_path):
+    """The data module's other layouts, read as streams: a w/ + l/ pair folder (preferred first) and a CSV of
+    preferred / rejected paths (untyped columns)."""
+    folder = tmp_path / "pairs"
+    for side in ("w", "l"):
+        (folder / side).mkdir(parents=True)
+    blobs = {}
+    for i in range(3):
+        for side, color in (("w", (200, 30 * i, 0)), ("l", (0, 30 * i, 200))):
+            blobs[side, i] = _png_bytes(color)
+            (folder / side / f"{i}.png").write_bytes(blobs[side, i])
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "caption": f"pair {i}"}) + "\n"
+                                                   for i in range(3)))
+    report = relabel_preference_set(folder, RedOverTwo(), tmp_path / "folder.parquet", batch_size=2)
+    rows = _rows(tmp_path / "folder.parquet")
+    assert report["relabelled"] == 3 and report["skipped"] == {} and report["agreement_rate"] == 1.0
+    assert [r["label_0_original"] for r in rows] == [1.0] * 3 and [r["label_0"] for r in rows] == [1.0] * 3
+    assert [(r["jpg_0"], r["jpg_1"]) for r in rows] == [(blobs["w", i], blobs["l", i]) for i in range(3)]
+    with pytest.raises(ValueError, match="inside"):
+        relabel_preference_set(folder, RedOverTwo(), folder / "relabelled.parquet")
+
+    (tmp_path / "pairs.csv").write_text("caption,preferred,rejected\nfirst,pairs/l/0.png,pairs/w/0.png\n"
+                                        "second,pairs/w/1.png,pairs/w/missing.png\nthird,pairs/w/2.png,pairs/l/2.png\n")
+    report = relabel_preference_set(tmp_path / "pairs.csv", RedOverTwo(), tmp_path / "csv.parquet", batch_size=2)
+    assert report["skipped"] == {"missing_image_file": 1} and report["relabelled"] == 2
+    assert (report["compared"], report["flipped"]) == (2, 1)  # the first row's "preferred" image is less red
+    rows = _rows(tmp_path / "csv.parquet")
+    assert [(r["caption"], r["label_0"], r["jpg_0"]) for r in rows] == [("first", 0.0, blobs["l", 0]),
+                                                                      ("third", 1.0, blobs["w", 2])]
+
+
+def test_relabel_errors(messy_pairs, tmp_path):
+    path, _ = messy_pairs
+    jpeg = JpegCompressibilityScorer()
+    with pytest.raises(ValueError, match="tie_margin"):
+        relabel_preference_set(path, jpeg, tmp_path / "o.parquet", tie_margin=-1.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        relabel_preference_set(path, jpeg, tmp_path / "o.parquet", batch_size=0)
+    copy = tmp_path / "copy.parquet"
+    shutil.copy(path, copy)
+    with pytest.raises(ValueError, match=r"is \(inside\) the input"):
+        relabel_preference_set(copy, jpeg, copy)
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"junk"], "jpg_1": [b"junk"], "label_0": [1.0]}),
+                   tmp_path / "junk.parquet")
+    with pytest.raises(ValueError, match="no row .* could be scored"):
+        relabel_preference_set(tmp_path / "junk.parquet", jpeg, tmp_path / "o.parquet")
+    pq.write_table(pa.table({"caption": ["a"], "jpg_0": [b"x"], "jpg_one": [b"x"], "label_0": [1.0]}),
+                   tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match="lacks column 'jpg_1'"):
+        relabel_preference_set(tmp_path / "cols.parquet", jpeg, tmp_path / "o.parquet")
+    with pytest.raises(FileNotFoundError):
+        relabel_preference_set(tmp_path / "missing.parquet", jpeg, tmp_path / "o.parquet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cols.parquet", "copy.parquet", "junk.parquet"]
+
+
+def test_relabel_cli(messy_pairs, tiny_clip, tmp_path, capsys):
+    path, expected = messy_pairs
+    out = tmp_path / "ai.parquet"
+    code = main(["prefs", "--relabel", str(path), "--scorer", str(tiny_clip), "--out", str(out),
+                 "--tie-margin", "0.01", "--batch-size", "8", "--device", "cpu"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    report = json.loads(printed)
+    assert report == json.loads((tmp_path / "ai.report.json").read_text())
+    assert report["scorer"] == "clip_score" and report["tie_margin"] == 0.01
+    assert report["relabelled"] == pq.read_table(out).num_rows == expected["rows"] - sum(report["skipped"].values())
+    assert report["skipped"] == {"undecodable_image": expected["undecodable_at_load"] + expected["truncated"]}
+    assert math.isclose(report["agreement_rate"], report["agreed"] / report["compared"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--scorer", "BAD_CLIP"], "describes a 'bert' model"),
+    (["--scorer", "/no/such/scorer"], "unknown scorer '/no/such/scorer'"),
+    (["--scorer", "jpeg", "--pairs-per-prompt", "2"], "--pairs-per-prompt applies to sampling"),
+])
+def test_relabel_cli_bad_input(messy_pairs, tmp_path, capsys, args, message):
+    bad = tmp_path / "bad_clip"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    args = [str(bad) if a == "BAD_CLIP" else a for a in args]
+    code = main(["prefs", "--relabel", str(messy_pairs[0]), "--out", str(tmp_path / "o.parquet"), *args])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_prefs_cli_needs_one_source(tiny_sd15, messy_pairs, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:  # --model and --relabel exclude each other (argparse: exit 2)
+        main(["prefs", "--model", str(tiny_sd15), "--relabel", str(messy_pairs[0]), "--scorer", "jpeg",
+              "--out", str(tmp_path / "o.parquet")])
+    assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
+    code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--out", str(tmp_path / "o.parquet")])
+    assert code == 2 and "--pairs-per-prompt is required" in capsys.readouterr().err

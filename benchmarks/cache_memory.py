@@ -1,0 +1,98 @@
+"""Does building the latent cache stream? Peak memory of ``lora-dpo cache`` for growing numbers of pairs.
+
+Writes a synthetic Pick-a-Pic parquet of N pairs (random 64 px JPEGs, 10% ties), then builds the cache of the tiny
+SD1.5 pipeline for it in a fresh process per N and reports that process's peak resident memory (``VmHWM``), the
+build time and the cache size on disk. Memory should stay flat as N grows: a shard at a time is held.
+
+    python benchmarks/cache_memory.py --pairs 1000 10000 --json benchmarks/results/cache_memory_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def write_pairs(path: Path, n: int, seed: int = 0) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+
+    def jpeg() -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=80)
+        return buf.getvalue()
+
+    writer = None
+    for start in range(0, n, 1000):  # written in row groups: the writer itself does not hold N images
+        k = min(1000, n - start)
+        table = pa.table({"caption": [f"pair {start + i}" for i in range(k)], "jpg_0": [jpeg() for _ in range(k)],
+                          "jpg_1": [jpeg() for _ in range(k)],
+                          "label_0": [0.5 if (start + i) % 10 == 0 else float((start + i) % 2) for i in range(k)]})
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    writer.close()
+
+
+def worker(model: str, data: str, out: str, shard_size: int) -> dict:
+    from lora_dpo.cache import build_cache
+    from lora_dpo.config import load_config
+    from lora_dpo.train import _proc_status_gb
+
+    cfg = load_config(None, [f"model.pretrained_model_name_or_path={model}", f"data.dataset={data}",
+                             "data.resolution=32"])
+    t0 = time.perf_counter()
+    manifest = build_cache(cfg, out, shard_size=shard_size, batch_size=32, progress=False)
+    size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
+    return {"pairs_kept": manifest["pairs"], "shards": len(manifest["shards"]), "seconds": time.perf_counter() - t0,
+            "peak_rss_gb": _proc_status_gb("VmHWM"), "disk_mb": size / 2**20,
+            # at the end: heap and anonymous memory vs file-backed (memory-mapped Arrow / parquet) pages
+            "end_rss_anon_gb": _proc_status_gb("RssAnon"), "end_rss_file_gb": _proc_status_gb("RssFile")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pairs", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--shard-size", type=int, default=1000)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        model, data, out, shard = args.worker
+        print(json.dumps(worker(model, data, out, int(shard))))
+        return
+    from lora_dpo.tiny import save_tiny_pipeline
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model = save_tiny_pipeline(Path(tmp) / "tiny", "sd15")
+        for n in args.pairs:
+            data = Path(tmp) / f"pairs_{n}.parquet"
+            write_pairs(data, n)
+            proc = subprocess.run([sys.executable, __file__, "--worker", str(model), str(data), str(Path(tmp) / f"c{n}"),
+                                   str(args.shard_size)], capture_output=True, text=True)
+            if proc.returncode:
+                sys.exit(proc.stderr[-3000:])
+            rows.append({"pairs": n, **json.loads(proc.stdout.strip().splitlines()[-1])})
+            print(f"{n} pairs: {json.dumps(rows[-1])}", file=sys.stderr, flush=True)
+    print("| pairs | kept | shards | peak RSS (GiB) | at the end: anonymous / file-backed (GiB) | build time (s) | "
+          "cache on disk (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['pairs']} | {r['pairs_kept']} | {r['shards']} | {r['peak_rss_gb']:.2f} | "
+              f"{r['end_rss_anon_gb']:.2f} / {r['end_rss_file_gb']:.2f} | {r['seconds']:.0f} | {r['disk_mb']:.0f} |")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
