@@ -46,7 +46,18 @@ def cmd_validate(args) -> int:
         from lora_dpo.lora_files import check_adapter_fits_model
 
         check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)
-    _, report = load_preference_dataset(cfg.data)
+    if cfg.data.latent_cache:
+        from lora_dpo.cache import check_cache
+
+        manifest = check_cache(cfg, cfg.data.latent_cache)
+        report = {"latent_cache": cfg.data.latent_cache, "pairs": manifest["pairs"], "skipped": manifest["skipped"]}
+    elif cfg.data.streaming:  # opening the stream checks the source and its columns; rows are checked as read
+        from lora_dpo.data import StreamingPairs
+
+        StreamingPairs(cfg.data, seed=cfg.train.seed)
+        report = {"streaming": True, "rows": "checked as they are read"}
+    else:
+        _, report = load_preference_dataset(cfg.data)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     print(f"recipe OK: {args.recipe}")
     print(f"  model: {cfg.model.pretrained_model_name_or_path} ({family})")

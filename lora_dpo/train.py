@@ -25,7 +25,7 @@ import torch
 from lora_dpo import checkpoint as ckpt
 from lora_dpo.cache import CachedBatch, CachedPairs, check_cache
 from lora_dpo.config import ConfigError, RecipeConfig
-from lora_dpo.data import build_dataloader, load_preference_dataset
+from lora_dpo.data import StreamingPairs, build_dataloader, load_preference_dataset, merge_reports
 from lora_dpo.export import write_model_card
 from lora_dpo.lora_files import check_adapter_fits_model
 from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
@@ -107,6 +107,34 @@ class PairStream:
 
     def state(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped_in_training": self.skipped}
+
+
+class StreamedPairStream:
+    """:class:`PairStream`'s interface over a streamed data set (``data.streaming``, :class:`StreamingPairs`):
+    this process's share, read once per epoch without being stored, with a resumable position."""
+
+    def __init__(self, data_cfg, batch_size: int, seed: int, num_replicas: int, rank: int, data_state: dict):
+        self.pairs = StreamingPairs(data_cfg, seed=seed, num_replicas=num_replicas, rank=rank)
+        if "stream" in data_state:
+            self.pairs.load_state_dict(data_state["stream"])
+        self.skipped: dict[str, int] = dict(data_state.get("skipped_in_training", {}))
+        self._batches = self.pairs.batches(batch_size)
+
+    def next(self):
+        while True:
+            batch = next(self._batches)
+            for reason, n in (batch.skipped or {}).items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            if batch.num_pairs > 0:
+                return batch
+
+    @property
+    def epoch(self) -> int:
+        return self.pairs.epoch
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self.pairs.epoch, "batch_in_epoch": None, "stream": self.pairs.state_dict(),
+                "skipped_in_training": self.skipped}
 
 
 def dpo_micro_step(components: Components, unet, reference: Callable[[], AbstractContextManager[torch.nn.Module]],
@@ -305,7 +333,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
         TrainingDiverged: the loss became NaN/Inf (the last good checkpoint is kept).
     """
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     run_dir = cfg.run_dir
     # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
@@ -317,6 +345,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
         dataset = CachedPairs(cfg.data.latent_cache, cfg.data, cfg.train.seed, manifest)
         data_report = {**manifest["data_report"], "latent_cache": cfg.data.latent_cache,
                        "skipped_when_cached": manifest["skipped"]}
+    elif cfg.data.streaming:  # read as it goes, never stored: opened per process once the processes are known
+        dataset, data_report = None, {"dataset": cfg.data.dataset, "streaming": True}
     else:
         dataset, data_report = load_preference_dataset(cfg.data)
     precomputed = bool(manifest and manifest["key"]["reference_draws"]) and cfg.loss.type != "sft"
@@ -337,7 +367,7 @@ def train(cfg: RecipeConfig) -> TrainResult:
             f"launched as {launched} processes but accelerate sees {world}: the processes would train separately "
             "and overwrite each other's run folder; launch with `accelerate launch` or `torchrun`"
         )
-    if len(dataset) < cfg.train.batch_size * world:
+    if dataset is not None and len(dataset) < cfg.train.batch_size * world:
         raise ValueError(
             f"{len(dataset)} pairs remain after filtering, fewer than train.batch_size × processes = "
             f"{cfg.train.batch_size * world}; lower train.batch_size or add data"
@@ -374,9 +404,12 @@ def train(cfg: RecipeConfig) -> TrainResult:
         policy.load_trainable_state_dict(weights)
         step = data_state["step"]
         log.info("resumed from %s at step %d", resume_path, step)
-    stream = PairStream(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, world, rank,
-                        data_state["epoch"], data_state["batch_in_epoch"])
-    stream.skipped = dict(data_state.get("skipped_in_training", {}))
+    if dataset is None:
+        stream = StreamedPairStream(cfg.data, cfg.train.batch_size, cfg.train.seed, world, rank, data_state)
+    else:
+        stream = PairStream(dataset, cfg.data, cfg.train.batch_size, cfg.train.seed, world, rank,
+                            data_state["epoch"], data_state["batch_in_epoch"])
+        stream.skipped = dict(data_state.get("skipped_in_training", {}))
 
     # 6. Logging: metrics.jsonl and TensorBoard on the main process; a progress bar with ETA.
     metrics_path = run_dir / METRICS_FILE
@@ -392,9 +425,9 @@ def train(cfg: RecipeConfig) -> TrainResult:
     bar = tqdm(total=cfg.train.max_steps, initial=step, desc="lora-dpo", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True)
     log.info(
-        "training %s (%s, %s mode, %.1fM trainable parameters) on %d pairs: %d steps × %d pairs × %d accumulation "
+        "training %s (%s, %s mode, %.1fM trainable parameters) on %s pairs: %d steps × %d pairs × %d accumulation "
         "× %d processes", cfg.model.pretrained_model_name_or_path, components.family, policy.mode,
-        sum(p.numel() for p in params) / 1e6, len(dataset), cfg.train.max_steps,
+        sum(p.numel() for p in params) / 1e6, len(dataset) if dataset is not None else "streamed", cfg.train.max_steps,
         cfg.train.batch_size, cfg.train.gradient_accumulation_steps, world,
     )
 
@@ -487,6 +520,8 @@ def train(cfg: RecipeConfig) -> TrainResult:
     if stopped:
         log.warning("stopped by %s at step %d; resume with train.resume_from=latest", stopped, step)
         return result
+    if dataset is None:  # the counts of every process's share, over its first pass
+        data_report = {**data_report, **merge_reports(gather_object([stream.pairs.report()]))}
     if accelerator.is_main_process:
         data_report = {**data_report, "skipped_in_training": stream.skipped}
         (run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
