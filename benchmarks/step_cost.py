@@ -103,9 +103,9 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
 
     from lora_dpo.archs import build_components
     from lora_dpo.config import load_config
-    from lora_dpo.data import PairBatch
     from lora_dpo.models import DTYPES
     from lora_dpo.optim import build_optimizer
+    from lora_dpo.pairs import PairBatch
     from lora_dpo.train import (
         current_memory_gb,
         dpo_micro_step,

@@ -1,7 +1,7 @@
 """The latent cache (``lora-dpo cache``): every pair encoded once, and optionally its reference errors precomputed.
 
 A cache is a folder of ``datasets`` (Arrow) shards, one row per kept pair, in the order of
-:func:`lora_dpo.data.load_preference_dataset`, so a pair keeps its index and training from the cache draws the same
+:func:`lora_dpo.sources.load_preference_dataset`, so a pair keeps its index and training from the cache draws the same
 flips, caption dropouts, posterior samples, noise and timesteps as training from the images:
 
 - ``latents``: the VAE posterior of both images, ``mean`` and ``std`` (``(F, 2, 2, C, h, w)``: flip variant, then
@@ -38,7 +38,8 @@ import datasets
 import numpy as np
 import torch
 
-from lora_dpo.data import _ITEM_SALT, PreferencePairs, SkippedRow, collate_pairs, load_preference_dataset
+from lora_dpo.pairs import ITEM_SALT, PreferencePairs, SkippedRow, collate_pairs
+from lora_dpo.sources import load_preference_dataset
 
 log = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ class CachedBatch:
     original_size, crop_top_left, target_size: (2B, 2) long.
     ref_mse: (2B,) float32 precomputed reference errors of the fixed draw, or None.
     fixed: ``(latents (2B, C, h, w), noise (B, C, h, w), timesteps (B,))`` of the fixed draw, or None.
-    indices, num_skipped, skipped: as :class:`lora_dpo.data.PairBatch`.
+    indices, num_skipped, skipped: as :class:`lora_dpo.pairs.PairBatch`.
     """
 
     latent_mean: torch.Tensor
@@ -194,9 +195,9 @@ class CachedBatch:
 
 class CachedPairs(torch.utils.data.Dataset):
     """Map-style dataset over a cache's rows, drawing per (seed, epoch, index) exactly what
-    :class:`lora_dpo.data.PreferencePairs` draws (flip, caption dropout), so both paths see the same pairs.
+    :class:`lora_dpo.pairs.PreferencePairs` draws (flip, caption dropout), so both paths see the same pairs.
 
-    ``__getitem__`` returns a dict (or :class:`lora_dpo.data.SkippedRow` for a row that failed at cache time).
+    ``__getitem__`` returns a dict (or :class:`lora_dpo.pairs.SkippedRow` for a row that failed at cache time).
     With precomputed reference errors, epoch e uses draw ``e % K`` of each pair.
     """
 
@@ -226,7 +227,7 @@ class CachedPairs(torch.utils.data.Dataset):
         row = self.rows[index]
         if not row["ok"]:
             return SkippedRow(row["skip_reason"], index)
-        _, _, flip_u, drop_u = np.random.default_rng([_ITEM_SALT, self.seed % 2**64, self.epoch, index]).random(4)
+        _, _, flip_u, drop_u = np.random.default_rng([ITEM_SALT, self.seed % 2**64, self.epoch, index]).random(4)
         flip = int(self.cfg.random_flip and flip_u < 0.5)
         latents = _tensor(row["latents"], self.dtype, (-1, 2, 2, *self.shape))[flip]  # (2: mean/std, 2: w/l, C,h,w)
         if drop_u < self.cfg.caption_dropout:
@@ -255,7 +256,7 @@ def _tensor(raw: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
 
 def collate_cached(examples: list) -> CachedBatch:
     """Stack cached examples into a :class:`CachedBatch` (preferred rows of all pairs first); skipped rows are
-    counted, as :func:`lora_dpo.data.collate_pairs` counts them."""
+    counted, as :func:`lora_dpo.pairs.collate_pairs` counts them."""
     from collections import Counter
 
     skipped = Counter(e.reason for e in examples if isinstance(e, SkippedRow))

@@ -35,9 +35,9 @@ def _setup_logging() -> None:
 def cmd_validate(args) -> int:
     """Check the recipe, the model folder/id and the data set without loading weights or training."""
     from lora_dpo.config import load_config
-    from lora_dpo.data import load_preference_dataset
     from lora_dpo.models import detect_family, read_model_index
     from lora_dpo.optim import check_optimizer_available
+    from lora_dpo.sources import load_preference_dataset
 
     cfg = load_config(args.recipe, args.overrides)
     family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
@@ -52,7 +52,7 @@ def cmd_validate(args) -> int:
         manifest = check_cache(cfg, cfg.data.latent_cache)
         report = {"latent_cache": cfg.data.latent_cache, "pairs": manifest["pairs"], "skipped": manifest["skipped"]}
     elif cfg.data.streaming:  # opening the stream checks the source and its columns; rows are checked as read
-        from lora_dpo.data import StreamingPairs
+        from lora_dpo.streaming import StreamingPairs
 
         StreamingPairs(cfg.data, seed=cfg.train.seed)
         report = {"streaming": True, "rows": "checked as they are read"}

@@ -117,7 +117,7 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
     draw k of batch b is seeded ``SeedSequence([seed, b, k])``, so a result is reproducible for a given
     ``batch_size``. A pair counts as correct when its mean margin over the draws is > 0 (strict).
 
-    Pairs: ``heldout_pairs`` in the Pick-a-Pic schema, loaded by :func:`lora_dpo.data.load_preference_dataset`
+    Pairs: ``heldout_pairs`` in the Pick-a-Pic schema, loaded by :func:`lora_dpo.sources.load_preference_dataset`
     with the recipe's columns and resolution (ties dropped), centre-cropped, no flip, no caption dropout, in
     file order; ``max_pairs`` keeps the first usable ones.
 
@@ -131,10 +131,11 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg, heldout_pairs: str | Path
     Raises:
         FileNotFoundError: no data at ``heldout_pairs`` or no exported adapter. ValueError: no usable pair.
     """
-    from lora_dpo.data import PreferencePairs, collate_pairs, load_preference_dataset
     from lora_dpo.export import WEIGHT_NAME
     from lora_dpo.models import load_components
+    from lora_dpo.pairs import PreferencePairs, collate_pairs
     from lora_dpo.policy import REFERENCE_LORA_FILE, build_policy
+    from lora_dpo.sources import load_preference_dataset
     from lora_dpo.train import dpo_micro_step
 
     if draws < 1:

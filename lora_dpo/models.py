@@ -221,7 +221,7 @@ def encode_prompts(components: Components, captions: list[str]) -> dict[str, tor
 
 
 def unet_conditioning(components: Components, text: dict[str, torch.Tensor], batch, dtype: torch.dtype) -> dict:
-    """UNet keyword arguments for the ``2B`` images of a :class:`lora_dpo.data.PairBatch`.
+    """UNet keyword arguments for the ``2B`` images of a :class:`lora_dpo.pairs.PairBatch`.
 
     The caption of pair i conditions both its images: text tensors ``(B, ...)`` are repeated to ``(2B, ...)``,
     preferred images first. SDXL micro-conditioning is per image, from the real data:

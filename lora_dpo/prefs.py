@@ -2,7 +2,7 @@
 
 This is the "learning from AI feedback" setting of Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908, §5.3):
 the preference labels come from a reward model instead of people. The output is a Pick-a-Pic-schema parquet that
-:func:`lora_dpo.data.load_preference_dataset` reads directly.
+:func:`lora_dpo.sources.load_preference_dataset` reads directly.
 
 Seeds: pair k (k = 0 .. pairs_per_prompt-1) of EVERY prompt uses ``seed_0 = seed_offset + 2k`` and
 ``seed_1 = seed_offset + 2k + 1``, so one set uses the seed range ``[seed_offset, seed_offset + 2·pairs_per_prompt)``.
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lora_dpo.images import MissingImage, image_source, to_rgb
 from lora_dpo.sampling import generate_images, load_pipeline
 from lora_dpo.scorers import Scorer
 
@@ -154,26 +155,24 @@ RELABEL_REPORT_SUFFIX = ".report.json"
 
 
 def _open_pairs(cfg: Any) -> tuple[Any, Path | None]:
-    """``cfg.dataset`` opened as a stream by the data module's own opener (the layouts, globs, hub ids, pair
-    folders, ``image_root`` and column mapping of :func:`lora_dpo.data.load_preference_dataset`), columns checked,
+    """``cfg.dataset`` opened as a stream by the data's own opener (the layouts, globs, hub ids, pair folders,
+    ``image_root`` and column mapping of :func:`lora_dpo.sources.load_preference_dataset`), columns checked,
     every image-feature column left undecoded. Returns the ``IterableDataset`` and the image base folder."""
     import datasets
 
-    from lora_dpo.data import _open_checked, _undecoded
+    from lora_dpo.sources import open_checked, undecoded
 
-    source, base, _ = _open_checked(cfg, streaming=True)
+    source, base, _ = open_checked(cfg, streaming=True)
     if source.features is not None:
-        source = _undecoded(source, [c for c, f in source.features.items() if isinstance(f, datasets.Image)])
+        source = undecoded(source, [c for c, f in source.features.items() if isinstance(f, datasets.Image)])
     return source, base
 
 
 def _image_bytes(value: Any, base: Path | None) -> bytes:
     """The encoded bytes of an image value (bytes, a datasets ``{"bytes", "path"}`` dict, a path or uid resolved
-    as the data module does, a PIL image: PNG). Raises ``lora_dpo.data._Unusable`` (``.reason``) when there is
-    no image, other exceptions when the value cannot be read."""
-    from lora_dpo.data import _image_source
-
-    source = _image_source(value, base)
+    as the data module does, a PIL image: PNG). Raises :class:`lora_dpo.images.MissingImage` (``.reason``) when
+    there is no image, other exceptions when the value cannot be read."""
+    source = image_source(value, base)
     if isinstance(source, Image.Image):
         return _png(source)
     return source if isinstance(source, bytes) else Path(source).read_bytes()
@@ -181,11 +180,9 @@ def _image_bytes(value: Any, base: Path | None) -> bytes:
 
 def _decode_rgb(data: bytes) -> Image.Image:
     """Fully decode (a truncated file raises here, not only a bad header) and convert to RGB as training does."""
-    from lora_dpo.data import _to_rgb
-
     img = Image.open(io.BytesIO(data))
     img.load()
-    return _to_rgb(img)
+    return to_rgb(img)
 
 
 def _as_label(value: Any) -> float | None:
@@ -221,7 +218,7 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
     batch by batch: memory does not grow with the data set (nor is the input copied into the datasets cache).
 
     Args:
-        dataset: anything ``data.dataset`` accepts (:func:`lora_dpo.data.load_preference_dataset`): a .parquet /
+        dataset: anything ``data.dataset`` accepts (:func:`lora_dpo.sources.load_preference_dataset`): a .parquet /
             .arrow / .json / .jsonl / .csv file, a glob or folder of them, a ``save_to_disk`` folder, a ``w/`` +
             ``l/`` pair folder, or a hub id. Images as bytes, ``{"bytes", "path"}`` dicts, or paths / uids.
         scorer: any :class:`lora_dpo.scorers.Scorer` (higher = better), e.g. ``load_scorer(PICKSCORE_FOLDER)``.
@@ -263,7 +260,6 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
     import pyarrow.parquet as pq
 
     from lora_dpo.config import DataConfig
-    from lora_dpo.data import _Unusable
 
     if not np.isfinite(tie_margin) or tie_margin < 0:
         raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin}")
@@ -311,7 +307,7 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
                     try:
                         data = [_image_bytes(batch[c][i], base) for c in image_cols]
                         decoded = [_decode_rgb(d) for d in data]
-                    except _Unusable as exc:  # no image: missing_image / missing_image_file
+                    except MissingImage as exc:  # no image: missing_image / missing_image_file
                         skipped[exc.reason] += 1
                         continue
                     except Exception:  # data that does not read or decode: skip the row, never raise

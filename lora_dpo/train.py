@@ -25,7 +25,7 @@ import torch
 from lora_dpo import checkpoint as ckpt
 from lora_dpo.cache import CachedBatch, CachedPairs, check_cache
 from lora_dpo.config import ConfigError, RecipeConfig
-from lora_dpo.data import StreamingPairs, build_dataloader, load_preference_dataset, merge_reports
+from lora_dpo.data import build_dataloader
 from lora_dpo.export import write_model_card
 from lora_dpo.lora_files import check_adapter_fits_model
 from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse, sft_loss
@@ -41,6 +41,8 @@ from lora_dpo.models import (
 )
 from lora_dpo.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
 from lora_dpo.policy import Policy, build_policy, run_reference_lora
+from lora_dpo.sources import load_preference_dataset
+from lora_dpo.streaming import StreamingPairs, merge_reports
 
 log = logging.getLogger(__name__)
 

@@ -32,4 +32,23 @@ def test_step_cost_reports_every_mode(tmp_path):
     # counted FLOPs: a DPO step adds the reference forward to the SFT step on the same 4 images
     assert by["lora-dpo", "adamw"]["flops_per_step"] > by["lora-sft", "adamw"]["flops_per_step"]
     assert by["lora-dpo", "adamw"]["pairs_per_second"] > 0 and by["lora-sft", "adamw"]["pairs_per_second"] is None
-    assert "| tiny | full-dpo | adafactor |" in proc.stdout and "LoRA-DPO / LoRA-SFT memory" in proc.stdout
+    assert "| tiny | full-dpo | images | adafactor |" in proc.stdout and "LoRA-DPO / LoRA-SFT memory" in proc.stdout
+
+
+def test_step_cost_from_a_cache_runs_no_encoder_and_no_reference(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/step_cost.py"), "--arch", "tiny", "--pairs", "2", "--steps", "1",
+         "--warmup", "1", "--mode", "lora-dpo", "lora-sft", "--data", "images", "cache", "cache+ref",
+         "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    by = {(r["mode"], r["data"]): r for r in json.loads(out.read_text())}
+    flops = {k: r["flops_per_step"] for k, r in by.items()}
+    # the cache drops the VAE and text-encoder FLOPs; the precomputed reference drops the reference forward, so
+    # LoRA-DPO then costs what LoRA-SFT costs on the same 4 images
+    assert flops["lora-dpo", "cache"] < flops["lora-dpo", "images"]
+    assert flops["lora-dpo", "cache+ref"] < flops["lora-dpo", "cache"]
+    assert flops["lora-dpo", "cache+ref"] == flops["lora-sft", "cache"]
+    assert "from the cache / from images" in proc.stdout and "precomputed reference / LoRA-SFT" in proc.stdout

@@ -19,11 +19,12 @@ from test_scorers import save_tiny_clip
 
 from lora_dpo.cli import main
 from lora_dpo.config import DataConfig
-from lora_dpo.data import _to_rgb, load_preference_dataset
+from lora_dpo.images import to_rgb
 from lora_dpo.prefs import build_preference_set, pair_seeds, relabel_preference_set
 from lora_dpo.prompts import digit_caption
 from lora_dpo.sampling import generate_images
 from lora_dpo.scorers import JpegCompressibilityScorer, load_scorer
+from lora_dpo.sources import load_preference_dataset
 
 STEPS = 2  # sampler steps: enough to exercise the loop, cheap on a CPU
 PROMPTS = [digit_caption(3), digit_caption(8)]
@@ -234,7 +235,7 @@ class Negated:
 def _decode(blob: bytes) -> Image.Image:
     img = Image.open(io.BytesIO(blob))
     img.load()
-    return _to_rgb(img)
+    return to_rgb(img)
 
 
 def _rows(path) -> list[dict]:

@@ -214,7 +214,8 @@ def test_dpo_step_learns_the_preference_on_a_fixed_draw(tiny_sd15, photo_pairs):
     """The real micro-step, with t, ε and the VAE sample fixed: the policy learns to prefer x_w over x_l."""
     from accelerate import Accelerator
 
-    from lora_dpo.data import build_dataloader, load_preference_dataset
+    from lora_dpo.data import build_dataloader
+    from lora_dpo.sources import load_preference_dataset
     from lora_dpo.train import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, "unused"))
@@ -283,7 +284,8 @@ def test_two_processes_share_one_run(tiny_sd15, photo_pairs, tmp_path):
 
 def test_sft_trains_on_preferred_images_without_reference(tiny_sd15, photo_pairs, tmp_path):
     """loss.type=sft: one policy pass over the B preferred images per micro-step, no reference pass."""
-    from lora_dpo.data import build_dataloader, load_preference_dataset
+    from lora_dpo.data import build_dataloader
+    from lora_dpo.sources import load_preference_dataset
     from lora_dpo.train import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run", "loss.type=sft", "train.max_steps=2"))

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 
 from lora_dpo.config import DataConfig, ModelConfig, load_config
-from lora_dpo.data import load_preference_dataset
 from lora_dpo.models import load_components
 from lora_dpo.prompts import digit_caption
+from lora_dpo.sources import load_preference_dataset
 from lora_dpo.world import HELDOUT_SEED_OFFSET, WORLD_DIR, WorldConfig, build_world
 
 REPORT = json.loads((WORLD_DIR / "world.json").read_text())
