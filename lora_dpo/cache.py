@@ -328,7 +328,8 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     dataset, report = load_preference_dataset(cfg.data)
-    components = load_components(cfg.model, weight_dtype, device)
+    unet_dtype = torch.float32 if cfg.train.mode == "full" else None  # as training loads it (the reference's source)
+    components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype, unet=bool(reference_draws))
     vae_dtype = next(components.vae.parameters()).dtype
     storage_dtype = storage_dtype or str(vae_dtype).removeprefix("torch.")
     key = cache_key(cfg, reference_draws, storage_dtype)

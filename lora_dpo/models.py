@@ -117,7 +117,7 @@ class Components:
 
 
 def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device | str = "cpu",
-                    unet_dtype: torch.dtype | None = None, encoders: bool = True) -> Components:
+                    unet_dtype: torch.dtype | None = None, encoders: bool = True, unet: bool = True) -> Components:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and a DDPM noise scheduler; freeze all of them.
 
     Args:
@@ -129,6 +129,7 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
             master weights must not start from rounded ones).
         encoders: False leaves out the VAE, text encoders and tokenizers (``vae=None``, empty lists; the VAE's
             scaling factor is read from its config): training from a latent cache needs only the UNet.
+        unet: False leaves out the UNet (``unet=None``): building a latent cache without reference errors.
 
     Raises:
         ModelLoadError: see :func:`read_model_index`; a prediction type other than epsilon / v_prediction.
@@ -158,11 +159,12 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
         vae_dtype = torch.float32  # the original SDXL VAE overflows in fp16
 
     with safetensors_only(name):
-        unet = UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=unet_dtype or weight_dtype, **wkw)
+        unet_module = (UNet2DConditionModel.from_pretrained(name, subfolder="unet", torch_dtype=unet_dtype or weight_dtype,
+                                                            **wkw) if unet else None)
         if not encoders:
-            unet.requires_grad_(False).eval().to(device)
+            unet_module.requires_grad_(False).eval().to(device)
             scale = AutoencoderKL.load_config(name, subfolder="vae", **kw).get("scaling_factor", 0.18215)
-            return Components(family, unet, None, [], [], scheduler, prediction_type, index, float(scale))
+            return Components(family, unet_module, None, [], [], scheduler, prediction_type, index, float(scale))
         vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=vae_dtype, **wkw)
         tokenizers = [AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kw)]
         text_encoders = [CLIPTextModel.from_pretrained(name, subfolder="text_encoder", torch_dtype=weight_dtype, **wkw)]
@@ -170,11 +172,12 @@ def load_components(model_cfg, weight_dtype: torch.dtype, device: torch.device |
             tokenizers.append(AutoTokenizer.from_pretrained(name, subfolder="tokenizer_2", **kw))
             text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
                 name, subfolder="text_encoder_2", torch_dtype=weight_dtype, **wkw))
-    for module in (unet, vae, *text_encoders):
-        module.requires_grad_(False)
-        module.eval()
-        module.to(device)
-    return Components(family, unet, vae, text_encoders, tokenizers, scheduler, prediction_type, index)
+    for module in (unet_module, vae, *text_encoders):
+        if module is not None:
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device)
+    return Components(family, unet_module, vae, text_encoders, tokenizers, scheduler, prediction_type, index)
 
 
 @torch.no_grad()
