@@ -97,3 +97,21 @@ def test_generate_command(tiny_sd15, lora_sd15, tmp_path, capsys):
                                                          "lora_p00_s1.png", "lora_p00_s2.png"]
     text = Image.open(out / "lora_p00_s2.png").text["parameters"]
     assert text.startswith("a (red)1.3 cat <lora:sd15:0.7>") and "Seed: 2" in text and "Steps: 2" in text
+
+
+def test_validate_checks_a_cache_and_a_stream(tiny_sd15, photo_pairs, tmp_path, capsys):
+    from lora_dpo.cache import build_cache
+    from lora_dpo.config import load_config
+
+    base = [f"model.pretrained_model_name_or_path={tiny_sd15}", f"data.dataset={photo_pairs}", "data.resolution=32"]
+    build_cache(load_config(RECIPE, base), tmp_path / "cache", progress=False)
+    assert main(["validate", RECIPE, *base, f"data.latent_cache={tmp_path / 'cache'}"]) == 0
+    assert '"latent_cache"' in capsys.readouterr().out
+    assert main(["validate", RECIPE, *base[:2], "data.resolution=24", f"data.latent_cache={tmp_path / 'cache'}"]) == 2
+    assert "resolution: cache 32, recipe 24" in capsys.readouterr().err
+    assert main(["train", RECIPE, *base[:2], "data.resolution=24", f"data.latent_cache={tmp_path / 'cache'}",
+                 f"output.dir={tmp_path / 'run'}"]) == 2  # a stale cache stops training before anything is written
+    assert not (tmp_path / "run").exists()
+    capsys.readouterr()
+    assert main(["validate", RECIPE, *base, "data.streaming=true"]) == 0
+    assert '"streaming": true' in capsys.readouterr().out
