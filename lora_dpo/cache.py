@@ -30,6 +30,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -314,8 +315,7 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
         ValueError: a recipe a cache cannot serve (random crops; caption dropout or SFT with ``reference_draws``),
             or ``out`` holds a cache built with another key (pass ``overwrite``).
     """
-    from lora_dpo.losses import per_sample_mse
-    from lora_dpo.models import DTYPES, encode_prompts, load_components, training_target, unet_conditioning
+    from lora_dpo.models import DTYPES, encode_prompts, load_components
     from lora_dpo.train import setup_policy
 
     if cfg.data.random_crop:
@@ -383,7 +383,7 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
                         dist = components.vae.encode(x.to(device, vae_dtype)).latent_dist
                         variants.append((dist.mean, dist.std))
                 refs = _reference_errors(components, policy, batch, text, variants, reference_draws, cfg.train.seed,
-                                         weight_dtype, device, per_sample_mse, training_target, unet_conditioning)
+                                         weight_dtype, device)
                 B = batch.num_pairs
             for item in items:
                 columns["ok"].append(not isinstance(item, SkippedRow))
@@ -434,14 +434,16 @@ def _bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:
 
 
 @torch.no_grad()
-def _reference_errors(components, policy, batch, text, variants, draws, seed, weight_dtype, device, per_sample_mse,
-                      training_target, unet_conditioning):
+def _reference_errors(components, policy, batch, text, variants, draws, seed, weight_dtype, device):
     """``(F, K, 2B)`` reference errors of the fixed draws (preferred rows first), or None without draws."""
+    from lora_dpo.losses import per_sample_mse
+    from lora_dpo.models import training_target, unet_conditioning
+
     if not draws:
         return None
     B = batch.num_pairs
     cond = unet_conditioning(components, text, batch, weight_dtype)
-    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else _null()
+    autocast = torch.autocast(device.type, dtype=weight_dtype) if weight_dtype != torch.float32 else nullcontext()
     out = torch.empty(len(variants), draws, 2 * B)
     for f, (mean, std) in enumerate(variants):
         for k in range(draws):
@@ -458,8 +460,3 @@ def _reference_errors(components, policy, batch, text, variants, draws, seed, we
             out[f, k] = per_sample_mse(pred, target).float().cpu()
     return out
 
-
-def _null():
-    from contextlib import nullcontext
-
-    return nullcontext()
