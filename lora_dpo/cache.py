@@ -39,7 +39,14 @@ import datasets
 import numpy as np
 import torch
 
-from lora_dpo.pairs import ITEM_SALT, PreferencePairs, SkippedRow, collate_pairs
+from lora_dpo.pairs import (
+    ITEM_SALT,
+    PreferencePairs,
+    SkippedRow,
+    collate_pairs,
+    preferred_then_rejected,
+    split_skipped,
+)
 from lora_dpo.sources import load_preference_dataset
 
 log = logging.getLogger(__name__)
@@ -258,27 +265,19 @@ def _tensor(raw: bytes, dtype: torch.dtype, shape) -> torch.Tensor:
 def collate_cached(examples: list) -> CachedBatch:
     """Stack cached examples into a :class:`CachedBatch` (preferred rows of all pairs first); skipped rows are
     counted, as :func:`lora_dpo.pairs.collate_pairs` counts them."""
-    from collections import Counter
-
-    skipped = Counter(e.reason for e in examples if isinstance(e, SkippedRow))
-    good = [e for e in examples if not isinstance(e, SkippedRow)]
-    extra = {"num_skipped": sum(skipped.values()), "skipped": dict(skipped)}
+    good, extra = split_skipped(examples)
     if not good:
         empty = torch.zeros(0, 2, dtype=torch.long)
         return CachedBatch(torch.zeros(0), torch.zeros(0), {}, empty, empty.clone(), empty.clone(), [], **extra)
 
-    def both(key):  # (B, 2, ...) -> (2B, ...), preferred first
-        stacked = torch.stack([e[key] for e in good])
-        return torch.cat([stacked[:, 0], stacked[:, 1]])
-
     batch = CachedBatch(
-        latent_mean=both("latent_mean"), latent_std=both("latent_std"),
+        latent_mean=preferred_then_rejected(good, "latent_mean"), latent_std=preferred_then_rejected(good, "latent_std"),
         text={k: torch.stack([e["text"][k] for e in good]) for k in good[0]["text"]},
-        original_size=both("original_size"), crop_top_left=both("crop_top_left"), target_size=both("target_size"),
+        original_size=preferred_then_rejected(good, "original_size"), crop_top_left=preferred_then_rejected(good, "crop_top_left"), target_size=preferred_then_rejected(good, "target_size"),
         indices=[e["index"] for e in good], **extra,
     )
     if "ref_mse" in good[0]:
-        batch.ref_mse = both("ref_mse")
+        batch.ref_mse = preferred_then_rejected(good, "ref_mse")
         latents = torch.cat([torch.stack([e["fixed"][0][i] for e in good]) for i in (0, 1)])
         noise = torch.cat([e["fixed"][1] for e in good])
         timesteps = torch.cat([e["fixed"][2] for e in good])

@@ -152,28 +152,36 @@ class PairBatch:
         return replace(self, **move)
 
 
+def split_skipped(examples: list) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The usable examples of a batch, and ``{"num_skipped", "skipped"}`` counting its :class:`SkippedRow` markers
+    by reason (the keyword arguments every batch type takes)."""
+    skipped = Counter(e.reason for e in examples if isinstance(e, SkippedRow))
+    good = [e for e in examples if not isinstance(e, SkippedRow)]
+    return good, {"num_skipped": sum(skipped.values()), "skipped": dict(skipped)}
+
+
+def preferred_then_rejected(good: list[dict[str, Any]], key: str) -> torch.Tensor:
+    """Stack the per-pair ``(2, ...)`` tensors under ``key`` into ``(2B, ...)``: all preferred rows, then all rejected."""
+    stacked = torch.stack([e[key] for e in good])  # (B, 2, ...)
+    return torch.cat([stacked[:, 0], stacked[:, 1]])
+
+
 def collate_pairs(examples: list[dict[str, Any] | SkippedRow]) -> PairBatch:
     """Drop :class:`SkippedRow` markers (counted in ``num_skipped`` / ``skipped``) and stack the rest into a
     :class:`PairBatch` (preferred images of all pairs first, then the rejected ones). Never returns None: if
     every row was bad the batch has ``num_pairs == 0`` and the training loop should skip it."""
-    skipped = Counter(e.reason for e in examples if isinstance(e, SkippedRow))
-    good = [e for e in examples if not isinstance(e, SkippedRow)]
-    extra = {"num_skipped": sum(skipped.values()), "skipped": dict(skipped)}
+    good, extra = split_skipped(examples)
     if not good:
         empty = torch.zeros(0, 2, dtype=torch.long)
         return PairBatch(torch.zeros(0, 3, 0, 0), [], empty, empty.clone(), empty.clone(), [], **extra)
 
-    def winners_then_losers(key: str) -> torch.Tensor:
-        stacked = torch.stack([e[key] for e in good])  # (B, 2, ...)
-        return torch.cat([stacked[:, 0], stacked[:, 1]])  # (2B, ...)
-
-    pixel_values = winners_then_losers("pixel_values")
+    pixel_values = preferred_then_rejected(good, "pixel_values")
     res = pixel_values.shape[-1]
     return PairBatch(
         pixel_values=pixel_values,
         captions=[e["caption"] for e in good],
-        original_size=winners_then_losers("original_size"),
-        crop_top_left=winners_then_losers("crop_top_left"),
+        original_size=preferred_then_rejected(good, "original_size"),
+        crop_top_left=preferred_then_rejected(good, "crop_top_left"),
         target_size=torch.full((pixel_values.shape[0], 2), res, dtype=torch.long),
         indices=[e["index"] for e in good],
         **extra,
