@@ -270,12 +270,10 @@ def collate_cached(examples: list) -> CachedBatch:
         empty = torch.zeros(0, 2, dtype=torch.long)
         return CachedBatch(torch.zeros(0), torch.zeros(0), {}, empty, empty.clone(), empty.clone(), [], **extra)
 
-    batch = CachedBatch(
-        latent_mean=preferred_then_rejected(good, "latent_mean"), latent_std=preferred_then_rejected(good, "latent_std"),
-        text={k: torch.stack([e["text"][k] for e in good]) for k in good[0]["text"]},
-        original_size=preferred_then_rejected(good, "original_size"), crop_top_left=preferred_then_rejected(good, "crop_top_left"), target_size=preferred_then_rejected(good, "target_size"),
-        indices=[e["index"] for e in good], **extra,
-    )
+    rows = {key: preferred_then_rejected(good, key) for key in
+            ("latent_mean", "latent_std", "original_size", "crop_top_left", "target_size")}
+    batch = CachedBatch(**rows, text={k: torch.stack([e["text"][k] for e in good]) for k in good[0]["text"]},
+                        indices=[e["index"] for e in good], **extra)
     if "ref_mse" in good[0]:
         batch.ref_mse = preferred_then_rejected(good, "ref_mse")
         latents = torch.cat([torch.stack([e["fixed"][0][i] for e in good]) for i in (0, 1)])
