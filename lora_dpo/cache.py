@@ -159,6 +159,13 @@ def fixed_draw(mean: torch.Tensor, std: torch.Tensor, seed: int, num_train_times
     return latents, noise, timestep
 
 
+def stack_fixed_draws(draws: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    """B pairs' :func:`fixed_draw` results as one batch: ``latents (2B, C, h, w)`` (all preferred rows, then all
+    rejected), ``noise (B, C, h, w)``, ``timesteps (B,)``; the layout :class:`CachedBatch` ``fixed`` holds."""
+    latents = torch.cat([torch.stack([d[0][i] for d in draws]) for i in (0, 1)])
+    return latents, torch.cat([d[1] for d in draws]), torch.cat([d[2] for d in draws])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Training-time dataset and batch
 
@@ -276,10 +283,7 @@ def collate_cached(examples: list) -> CachedBatch:
                         indices=[e["index"] for e in good], **extra)
     if "ref_mse" in good[0]:
         batch.ref_mse = preferred_then_rejected(good, "ref_mse")
-        latents = torch.cat([torch.stack([e["fixed"][0][i] for e in good]) for i in (0, 1)])
-        noise = torch.cat([e["fixed"][1] for e in good])
-        timesteps = torch.cat([e["fixed"][2] for e in good])
-        batch.fixed = (latents, noise, timesteps)
+        batch.fixed = stack_fixed_draws([e["fixed"] for e in good])
     return batch
 
 
@@ -447,9 +451,8 @@ def _reference_errors(components, policy, batch, text, variants, draws, seed, we
             fixed = [fixed_draw(torch.stack([mean[j], mean[B + j]]).cpu(), torch.stack([std[j], std[B + j]]).cpu(),
                                 draw_seed(seed, idx, k), components.noise_scheduler.config.num_train_timesteps,
                                 components.latent_scale) for j, idx in enumerate(batch.indices)]
-            latents = torch.cat([torch.stack([fx[0][i] for fx in fixed]) for i in (0, 1)]).to(device)
-            noise = torch.cat([fx[1] for fx in fixed]).repeat(2, 1, 1, 1).to(device)
-            timesteps = torch.cat([fx[2] for fx in fixed]).repeat(2).to(device)
+            latents, noise, timesteps = stack_fixed_draws(fixed)
+            latents, noise, timesteps = latents.to(device), noise.repeat(2, 1, 1, 1).to(device), timesteps.repeat(2).to(device)
             noisy = components.noise_scheduler.add_noise(latents, noise, timesteps).to(weight_dtype)
             target = training_target(components, latents, noise, timesteps)
             with policy.reference() as ref_unet, autocast:
