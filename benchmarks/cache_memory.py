@@ -53,20 +53,20 @@ def write_pairs(folder: Path, n: int, seed: int = 0, per_file: int = 1000) -> No
 
 
 def worker(model: str, data: str, out: str, shard_size: int, mode: str) -> dict:
-    import lora_dpo.cache
-    from lora_dpo.cache import build_cache
+    import lora_dpo.data.cache
     from lora_dpo.config import load_config
-    from lora_dpo.train import _proc_status_gb
+    from lora_dpo.data.cache import build_cache
+    from lora_dpo.training.recipe import _proc_status_gb
 
     after_shard = []  # the peak so far after each pair shard is written: flat when a shard at a time is held
-    save_shard = lora_dpo.cache._save_shard
+    save_shard = lora_dpo.data.cache._save_shard
 
     def traced(out_dir, name, *args, **kwargs):
         save_shard(out_dir, name, *args, **kwargs)
         if name.startswith("shard_"):
             after_shard.append(round(_proc_status_gb("VmHWM"), 3))
 
-    lora_dpo.cache._save_shard = traced
+    lora_dpo.data.cache._save_shard = traced
 
     cfg = load_config(None, [f"model.pretrained_model_name_or_path={model}", f"data.dataset={data}",
                              "data.resolution=32", f"data.streaming={mode == 'stream'}"])
@@ -105,7 +105,7 @@ def main() -> None:
         model, data, out, shard, mode = args.worker
         print(json.dumps(worker(model, data, out, int(shard), mode)))
         return
-    from lora_dpo.tiny import save_tiny_pipeline
+    from lora_dpo.models.tiny import save_tiny_pipeline
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

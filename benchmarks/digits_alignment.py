@@ -25,7 +25,7 @@ RECIPES = {"dpo": ROOT / "recipes/digits/lora_dpo.yaml", "sft": ROOT / "recipes/
 
 
 def run(name: str, overrides: list[str], args) -> dict:
-    from lora_dpo.demo import train_and_evaluate
+    from lora_dpo.world.demo import train_and_evaluate
 
     _, report = train_and_evaluate(RECIPES[name], [f"output.dir={args.out / name}", *overrides],
                                    args.seeds_per_prompt)

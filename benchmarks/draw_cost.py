@@ -19,7 +19,7 @@ import time
 def main() -> None:
     import torch
 
-    from lora_dpo.draws import TRAIN_SALT, draw_seed, pair_draws
+    from lora_dpo.data.draws import TRAIN_SALT, draw_seed, pair_draws
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")

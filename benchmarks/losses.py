@@ -42,7 +42,7 @@ VARIANTS = {
 
 
 def main() -> None:
-    from lora_dpo.demo import train_and_evaluate
+    from lora_dpo.world.demo import train_and_evaluate
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run (section.key=value)")

@@ -5,7 +5,7 @@ with random A and B, and compares one UNet forward (one latent at the training r
 embeddings) of:
 
 - the base UNet with the adapter (fp32): the reference ``y_lora``; the adapter's effect is ``|y_lora - y_base|``;
-- the pipeline merged in fp32 by :func:`lora_dpo.merge.merge_adapter` and opened from disk;
+- the pipeline merged in fp32 by :func:`lora_dpo.export.merge.merge_adapter` and opened from disk;
 - the UNet merged and saved in bf16 (``--dtype bfloat16 --unet-only``), run in bf16; next to it, the adapter loaded
   onto the base in bf16 (what a bf16 pipeline with ``load_lora_weights`` computes) and the base alone in bf16 against
   the base in fp32: the rounding floor any bf16 checkpoint has.
@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo.adapters import adapters_disabled, add_lora
-from lora_dpo.archs import ARCHES, build_components
 from lora_dpo.config import LoraConfig
-from lora_dpo.export import WEIGHT_NAME, pipeline_class, save_lora_adapter
-from lora_dpo.merge import merge_adapter
+from lora_dpo.export.artifacts import WEIGHT_NAME, pipeline_class, save_lora_adapter
+from lora_dpo.export.merge import merge_adapter
+from lora_dpo.models.adapters import adapters_disabled, add_lora
+from lora_dpo.models.archs import ARCHES, build_components
 
 
 def _inputs(unet, family: str, latent: int, device):

@@ -18,7 +18,7 @@ import torch
 from accelerate.state import AcceleratorState, PartialState
 
 from lora_dpo.config import load_config
-from lora_dpo.train import train
+from lora_dpo.training.recipe import train
 
 CASES = [("no", "float32"), ("no", "bfloat16"), ("no", "float16"), ("bf16", "float32"), ("bf16", "bfloat16")]
 

@@ -12,7 +12,7 @@ modes only), the policy forward and backward, gradient clipping, the optimizer s
 
 Modes are compared at the same number of images through the UNet per step: a DPO step of N pairs runs 2N images
 through the policy, so the SFT modes train on 2N preferred images (2N pairs, one image of each).
-Real architectures have random weights (:mod:`lora_dpo.archs`); time and memory do not depend on their values.
+Real architectures have random weights (:mod:`lora_dpo.models.archs`); time and memory do not depend on their values.
 
 Reported: steady step time (median of ``--steps`` after ``--warmup`` warm-up steps), images/s and pairs/s, peak
 memory during the steps (CUDA max allocated on a GPU; on the CPU the process's peak resident set, reset after
@@ -101,12 +101,12 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
     from accelerate import Accelerator
     from torch.utils.flop_counter import FlopCounterMode
 
-    from lora_dpo.archs import build_components
     from lora_dpo.config import load_config
-    from lora_dpo.models import DTYPES
-    from lora_dpo.optim import build_optimizer
-    from lora_dpo.pairs import PairBatch
-    from lora_dpo.train import (
+    from lora_dpo.data.pairs import PairBatch
+    from lora_dpo.models.archs import build_components
+    from lora_dpo.models.loading import DTYPES
+    from lora_dpo.training.optim import build_optimizer
+    from lora_dpo.training.recipe import (
         current_memory_gb,
         dpo_micro_step,
         peak_memory_gb,
@@ -191,12 +191,12 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
 
 
 def _cached_batch(components, batch, with_reference: bool):
-    """The :class:`lora_dpo.cache.CachedBatch` a cache would give for ``batch`` (posterior and text encoded now;
+    """The :class:`lora_dpo.data.cache.CachedBatch` a cache would give for ``batch`` (posterior and text encoded now;
     with ``with_reference``, stand-in reference errors: their values do not change the cost)."""
     import torch
 
-    from lora_dpo.cache import CachedBatch
-    from lora_dpo.models import encode_posterior, encode_prompts
+    from lora_dpo.data.cache import CachedBatch
+    from lora_dpo.models.loading import encode_posterior, encode_prompts
 
     with torch.no_grad():
         mean, std = encode_posterior(components, batch.pixel_values)

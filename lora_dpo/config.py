@@ -58,7 +58,7 @@ class DataConfig(_Section):
     ``SPLIT-00000-of-00009.*`` are picked by ``split``), a ``Dataset.save_to_disk`` folder, or a folder of
     ``w/`` and ``l/`` image subfolders with matching file names plus a ``metadata.jsonl`` (``{"file_name":
     ..., "caption": ...}`` per pair). A table of ``preferred``/``rejected`` image columns (e.g. a CSV
-    ``caption,preferred,rejected``) needs no label. See :func:`lora_dpo.data.load_preference_dataset`.
+    ``caption,preferred,rejected``) needs no label. See :func:`lora_dpo.data.loader.load_preference_dataset`.
     """
 
     dataset: str = "yuvalkirstain/pickapic_v2"
@@ -101,7 +101,7 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)
     # Read the data as a stream (datasets IterableDataset, `load_dataset(..., streaming=True)`) instead of
     # loading it whole, for sets that do not fit on disk: checks run on the fly, pairs come from
-    # lora_dpo.data.StreamingPairs.
+    # lora_dpo.data.loader.StreamingPairs.
     streaming: bool = False
     # Streaming only: rows in the shuffle buffer (IterableDataset.shuffle; shard order is shuffled too). 0:
     # stored order. Rows in the buffer at a checkpoint are not seen again after resuming (datasets' documented
@@ -160,7 +160,7 @@ class ReferenceConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The preference loss (:mod:`lora_dpo.losses`), each with its own hyperparameters.
+    """The preference loss (:mod:`lora_dpo.training.losses`), each with its own hyperparameters.
 
     - ``sigmoid`` (default): Diffusion-DPO, ``u = -0.5·β·[(e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l))]``,
       ``-log σ(u)`` (DESIGN.md §1). β follows the official code's convention (errors averaged over C,H,W; factor

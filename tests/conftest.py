@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lora_dpo.demo import build_photo_pairs
-from lora_dpo.tiny import save_tiny_pipeline
+from lora_dpo.models.tiny import save_tiny_pipeline
+from lora_dpo.world.demo import build_photo_pairs
 
 
 @pytest.fixture(scope="session")
@@ -33,9 +33,9 @@ def save_random_lora(out: Path, model: Path, family: str, r: int = 4, lora_alpha
     import torch
     from diffusers import UNet2DConditionModel
 
-    from lora_dpo.adapters import add_lora
     from lora_dpo.config import LoraConfig
-    from lora_dpo.export import save_lora_adapter
+    from lora_dpo.export.artifacts import save_lora_adapter
+    from lora_dpo.models.adapters import add_lora
 
     unet = UNet2DConditionModel.from_pretrained(Path(model) / "unet")
     lora = LoraConfig(r=r, lora_alpha=lora_alpha, **({"target_modules": target_modules} if target_modules else {}))

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
 from lora_dpo.config import LoraConfig, ModelConfig
-from lora_dpo.models import load_components
+from lora_dpo.models.adapters import adapters_disabled, add_lora, load_lora_state_dict, lora_state_dict
+from lora_dpo.models.loading import load_components
 
 
 def _unet(path, dtype=torch.float32):

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file
 from test_train import ROOT, _metrics
 
-from lora_dpo.cache import CachedPairs, build_cache, check_cache, collate_cached, read_manifest
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.sources import load_preference_dataset
-from lora_dpo.train import dpo_micro_step, setup_policy, train
+from lora_dpo.data.cache import CachedPairs, build_cache, check_cache, collate_cached, read_manifest
+from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.training.recipe import dpo_micro_step, setup_policy, train
 
 
 def _cfg(family, model, data, out, *extra):

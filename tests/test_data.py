@@ -1,4 +1,4 @@
-"""Tests for the data flow (lora_dpo.sources / filters / images / pairs / data / streaming): loading/filtering,
+"""Tests for the data flow (lora_dpo.data.sources / filters / images / pairs / data / streaming): loading/filtering,
 pair processing, collation, sampling. All data is built here."""
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import torch
 from PIL import Image
 
 from lora_dpo.config import DataConfig
-from lora_dpo.data import PairSampler, build_dataloader
-from lora_dpo.filters import SkipCounter
-from lora_dpo.pairs import PairBatch, PreferencePairs, SkippedRow, collate_pairs
-from lora_dpo.sources import load_preference_dataset
-from lora_dpo.streaming import StreamingPairs, merge_reports
+from lora_dpo.data.filters import SkipCounter
+from lora_dpo.data.loader import PairSampler, build_dataloader
+from lora_dpo.data.pairs import PairBatch, PreferencePairs, SkippedRow, collate_pairs
+from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.data.streaming import StreamingPairs, merge_reports
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64())])
@@ -83,7 +83,7 @@ def test_filtering_counts_and_orientation(tmp_path, caplog):
         ("garbage", b"this is not an image at all", blue, 0.0),
         ("tie2", red, red, 0.5),
     ]
-    with caplog.at_level(logging.INFO, logger="lora_dpo.sources"):
+    with caplog.at_level(logging.INFO, logger="lora_dpo.data.sources"):
         ds, report, cfg = load(tmp_path, rows)
     assert report["rows"] == 8 and report["kept"] == 2 and report["scanned"] == 8
     assert report["skipped"] == {

@@ -73,7 +73,7 @@ def test_two_processes_train_the_adapter_of_one_with_the_same_global_batch(tiny_
 
 def test_draws_are_keyed_by_pair_not_by_batch():
     """The same pair draws the same posterior samples, noise and timestep in any batch; other pairs, other draws."""
-    from lora_dpo.draws import TRAIN_SALT, draw_seed, pair_draws
+    from lora_dpo.data.draws import TRAIN_SALT, draw_seed, pair_draws
 
     seeds = [draw_seed(TRAIN_SALT, 0, 0, i) for i in range(4)]
     eps, noise, t = pair_draws(seeds, (4, 8, 8), 1000)

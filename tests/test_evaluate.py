@@ -15,10 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.evaluate import evaluate_run, implicit_reward_accuracy, load_exported_adapter
-from lora_dpo.export import WEIGHT_NAME
-from lora_dpo.figures import grid_size, make_grid, moving_average, plot_training_curves, tile_size
-from lora_dpo.stats import (
+from lora_dpo.evaluation.run import evaluate_run, implicit_reward_accuracy, load_exported_adapter
+from lora_dpo.evaluation.stats import (
     bootstrap_interval,
     diversity,
     mean_pairwise_l2,
@@ -26,6 +24,8 @@ from lora_dpo.stats import (
     win_outcomes,
     win_rate,
 )
+from lora_dpo.export.artifacts import WEIGHT_NAME
+from lora_dpo.inference.grids import grid_size, make_grid, moving_average, plot_training_curves, tile_size
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a handwritten digit seven", "a photo of a cat"]
@@ -211,7 +211,7 @@ def test_eval_pictures(evaluated):
 def test_base_images_are_adapter_free_and_tuned_images_are_not(evaluated, tiny_sd15, trained_run):
     from diffusers import StableDiffusionPipeline
 
-    from lora_dpo.sampling import generate_images
+    from lora_dpo.inference.sampling import generate_images
 
     report, out = evaluated
     names = [f"{i:03d}_{s}.png" for i in range(len(PROMPTS)) for s in report["settings"]["seeds"]]

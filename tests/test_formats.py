@@ -1,4 +1,4 @@
-"""Adapter export (lora_dpo.formats): each layout loads back in its consumer's own loader with the same UNet output."""
+"""Adapter export (lora_dpo.export.formats): each layout loads back in its consumer's own loader with the same UNet output."""
 
 from __future__ import annotations
 
@@ -12,11 +12,11 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
-from lora_dpo.adapters import add_lora
-from lora_dpo.archs import SD15_UNET, SDXL_UNET
 from lora_dpo.config import LoraConfig
-from lora_dpo.export import pipeline_class, save_lora_adapter
-from lora_dpo.formats import FORMATS, export_adapter, kohya_module_name
+from lora_dpo.export.artifacts import pipeline_class, save_lora_adapter
+from lora_dpo.export.formats import FORMATS, export_adapter, kohya_module_name
+from lora_dpo.models.adapters import add_lora
+from lora_dpo.models.archs import SD15_UNET, SDXL_UNET
 
 ATOL = 1e-5
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -11,11 +11,11 @@ import torch
 from conftest import save_random_lora
 from PIL import Image
 
-from lora_dpo import generate as gen
-from lora_dpo import sampling
-from lora_dpo.figures import LABEL_HEIGHT, SIDE_WIDTH, grid_size, tile_size
-from lora_dpo.lora_files import AdapterMismatchError, UnsafeFileError
-from lora_dpo.models import ModelLoadError
+from lora_dpo.inference import generate as gen
+from lora_dpo.inference import sampling
+from lora_dpo.inference.grids import LABEL_HEIGHT, SIDE_WIDTH, grid_size, tile_size
+from lora_dpo.models.loading import ModelLoadError
+from lora_dpo.models.lora_files import AdapterMismatchError, UnsafeFileError
 
 STEPS = 2
 

@@ -10,13 +10,13 @@ import torch
 from safetensors.torch import load_file
 from test_train import ROOT, _args, _metrics, _unet_inputs
 
-from lora_dpo.adapters import ADAPTER_NAME, REFERENCE_ADAPTER
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.export import pipeline_class
-from lora_dpo.lora_files import UnsafeFileError
-from lora_dpo.policy import REFERENCE_LORA_FILE
-from lora_dpo.train import train
+from lora_dpo.export.artifacts import pipeline_class
+from lora_dpo.models.adapters import ADAPTER_NAME, REFERENCE_ADAPTER
+from lora_dpo.models.lora_files import UnsafeFileError
+from lora_dpo.models.policy import REFERENCE_LORA_FILE
+from lora_dpo.training.recipe import train
 
 
 def _run(model, data, out, *extra):
@@ -109,7 +109,7 @@ def test_bad_starting_lora_fails_before_weights_load(tiny_sd15, tiny_sdxl, photo
 def test_implicit_reward_is_measured_against_the_starting_lora(tiny_sd15, photo_pairs, start_lora, tmp_path):
     """A run that barely moved from its starting LoRA has implicit rewards ~0; against the base model they would
     be the starting LoRA's own, far from 0."""
-    from lora_dpo.evaluate import implicit_reward_accuracy
+    from lora_dpo.evaluation.run import implicit_reward_accuracy
 
     out = tmp_path / "run"
     _run(tiny_sd15, photo_pairs, out, f"lora.init_from={start_lora}", "optim.lr=1e-12", "train.max_steps=1")
@@ -123,7 +123,7 @@ def test_implicit_reward_is_measured_against_the_starting_lora(tiny_sd15, photo_
 
 def test_starting_from_a_kohya_file(tiny_sd15, photo_pairs, start_lora, tmp_path):
     """An AUTOMATIC1111 / ComfyUI file (kohya keys, per-module .alpha) starts a run just as well."""
-    from lora_dpo.formats import export_adapter
+    from lora_dpo.export.formats import export_adapter
 
     kohya = export_adapter(start_lora, tmp_path / "style.safetensors", "kohya", "sd15")
     pipe = pipeline_class("sd15").from_pretrained(tiny_sd15)
@@ -138,7 +138,7 @@ def test_starting_from_a_kohya_file(tiny_sd15, photo_pairs, start_lora, tmp_path
 def test_text_encoder_part_of_a_starting_lora_is_reported(tiny_sd15, photo_pairs, start_lora, tmp_path, caplog):
     from safetensors.torch import save_file
 
-    from lora_dpo.lora_files import read_lora_file
+    from lora_dpo.models.lora_files import read_lora_file
 
     tensors, metadata = read_lora_file(start_lora)
     te = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"

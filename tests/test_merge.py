@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from test_train import _unet_inputs
 
 from lora_dpo.cli import main
-from lora_dpo.export import pipeline_class
-from lora_dpo.lora_files import AdapterMismatchError, UnsafeFileError
-from lora_dpo.merge import merge_adapter
+from lora_dpo.export.artifacts import pipeline_class
+from lora_dpo.export.merge import merge_adapter
+from lora_dpo.models.lora_files import AdapterMismatchError, UnsafeFileError
 
 TOLERANCE = 1e-5  # fp32: max |merged - adapter-loaded| of the UNet output (outputs are O(1))
 
@@ -86,7 +86,7 @@ def test_merge_refuses_bad_input_before_loading(tiny_sd15, tiny_sdxl, lora_sd15,
 
 def test_merging_a_kohya_file_gives_the_same_weights(tiny_sdxl, lora_sdxl, tmp_path):
     """An AUTOMATIC1111 / ComfyUI file (SDXL input_blocks names) merges to the same UNet as the diffusers file."""
-    from lora_dpo.formats import export_adapter
+    from lora_dpo.export.formats import export_adapter
 
     kohya = export_adapter(lora_sdxl, tmp_path / "style.safetensors", "kohya", "sdxl", tiny_sdxl)
     merge_adapter(str(tiny_sdxl), lora_sdxl, tmp_path / "a", unet_only=True)

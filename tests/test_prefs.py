@@ -19,12 +19,12 @@ from test_scorers import save_tiny_clip
 
 from lora_dpo.cli import main
 from lora_dpo.config import DataConfig
-from lora_dpo.images import to_rgb
-from lora_dpo.prefs import build_preference_set, pair_seeds, relabel_preference_set
-from lora_dpo.prompts import digit_caption
-from lora_dpo.sampling import generate_images
-from lora_dpo.scorers import JpegCompressibilityScorer, load_scorer
-from lora_dpo.sources import load_preference_dataset
+from lora_dpo.data.images import to_rgb
+from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.feedback.prefs import build_preference_set, pair_seeds, relabel_preference_set
+from lora_dpo.feedback.prompts import digit_caption
+from lora_dpo.feedback.scorers import JpegCompressibilityScorer, load_scorer
+from lora_dpo.inference.sampling import generate_images
 
 STEPS = 2  # sampler steps: enough to exercise the loop, cheap on a CPU
 PROMPTS = [digit_caption(3), digit_caption(8)]
@@ -158,7 +158,7 @@ def test_preference_set_fails_fast(tmp_path):
         name = "needs_digit"
 
         def score(self, images, prompts):
-            from lora_dpo.prompts import digit_of
+            from lora_dpo.feedback.prompts import digit_of
 
             return np.array([float(digit_of(p)) for p in prompts])
 

@@ -9,9 +9,9 @@ import torch
 from safetensors.torch import load_file
 
 from lora_dpo.config import ModelConfig
-from lora_dpo.lora_files import UnsafeFileError, read_lora_file, resolve_lora_file
-from lora_dpo.models import ModelLoadError, load_components
-from lora_dpo.sampling import load_pipeline
+from lora_dpo.inference.sampling import load_pipeline
+from lora_dpo.models.loading import ModelLoadError, load_components
+from lora_dpo.models.lora_files import UnsafeFileError, read_lora_file, resolve_lora_file
 
 
 def test_pickled_adapters_are_refused(lora_sd15, tmp_path):

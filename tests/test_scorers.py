@@ -15,8 +15,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from lora_dpo.prompts import NUMBER_WORDS, digit_caption, digit_captions, digit_of, load_prompts
-from lora_dpo.scorers import (
+from lora_dpo.feedback.prompts import NUMBER_WORDS, digit_caption, digit_captions, digit_of, load_prompts
+from lora_dpo.feedback.scorers import (
     LAION_AESTHETIC_DROPOUT,
     LAION_AESTHETIC_LAYERS,
     AestheticHead,
@@ -46,7 +46,7 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     offline byte-level tokenizer, an explicit CLIP image processor), saved with save_pretrained."""
     from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPVisionConfig
 
-    from lora_dpo.tiny import build_tokenizer, text_config
+    from lora_dpo.models.tiny import build_tokenizer, text_config
 
     tokenizer = build_tokenizer()
     vision = CLIPVisionConfig(image_size=16, patch_size=4, hidden_size=32, intermediate_size=37,

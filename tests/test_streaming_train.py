@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from test_train import ROOT, _args, _metrics
 
 from lora_dpo.config import load_config
-from lora_dpo.train import train
+from lora_dpo.training.recipe import train
 
 
 def _run(model, data, out, *extra):

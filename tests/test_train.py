@@ -18,12 +18,12 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_dpo.adapters import adapters_disabled, add_lora, load_lora_state_dict
 from lora_dpo.cli import main
 from lora_dpo.config import LossConfig, load_config
-from lora_dpo.export import pipeline_class
-from lora_dpo.models import load_components
-from lora_dpo.train import train
+from lora_dpo.export.artifacts import pipeline_class
+from lora_dpo.models.adapters import adapters_disabled, add_lora, load_lora_state_dict
+from lora_dpo.models.loading import load_components
+from lora_dpo.training.recipe import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,9 +214,9 @@ def test_dpo_step_learns_the_preference_on_a_fixed_draw(tiny_sd15, photo_pairs):
     """The real micro-step, with t, ε and the VAE sample fixed: the policy learns to prefer x_w over x_l."""
     from accelerate import Accelerator
 
-    from lora_dpo.data import build_dataloader
-    from lora_dpo.sources import load_preference_dataset
-    from lora_dpo.train import dpo_micro_step
+    from lora_dpo.data.loader import build_dataloader
+    from lora_dpo.data.sources import load_preference_dataset
+    from lora_dpo.training.recipe import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, "unused"))
     dataset, _ = load_preference_dataset(cfg.data)
@@ -259,7 +259,7 @@ def test_v_prediction_target(tiny_sd15, photo_pairs, tmp_path):
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run", "model.prediction_type=v_prediction",
                                   "train.max_steps=1"))
     comps = load_components(cfg.model, torch.float32)
-    from lora_dpo.models import training_target
+    from lora_dpo.models.loading import training_target
 
     z, eps, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     alpha = comps.noise_scheduler.alphas_cumprod[t].sqrt().view(-1, 1, 1, 1)
@@ -270,9 +270,9 @@ def test_v_prediction_target(tiny_sd15, photo_pairs, tmp_path):
 
 def test_sft_trains_on_preferred_images_without_reference(tiny_sd15, photo_pairs, tmp_path):
     """loss.type=sft: one policy pass over the B preferred images per micro-step, no reference pass."""
-    from lora_dpo.data import build_dataloader
-    from lora_dpo.sources import load_preference_dataset
-    from lora_dpo.train import dpo_micro_step
+    from lora_dpo.data.loader import build_dataloader
+    from lora_dpo.data.sources import load_preference_dataset
+    from lora_dpo.training.recipe import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run", "loss.type=sft", "train.max_steps=2"))
     result = train(cfg)

@@ -13,9 +13,9 @@ from test_train import ROOT, _args, _metrics
 
 from lora_dpo.cli import main
 from lora_dpo.config import ConfigError, DataConfig, LossConfig, load_config
-from lora_dpo.pairs import PreferencePairs
-from lora_dpo.sources import load_preference_dataset
-from lora_dpo.unpaired import ImageBatch, LabeledImages, collate_images
+from lora_dpo.data.pairs import PreferencePairs
+from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.data.unpaired import ImageBatch, LabeledImages, collate_images
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_kto_trains_an_sdxl_pipeline_on_pairs(photo_pairs, tiny_sdxl, tmp_path):
 def test_kto_runs_one_reference_and_one_policy_pass_over_the_images(unpaired_csv, tiny_sd15, tmp_path):
     from test_loss_family import run_counting_unet_calls
 
-    from lora_dpo.data import build_dataloader
-    from lora_dpo.train import kto_micro_step
+    from lora_dpo.data.loader import build_dataloader
+    from lora_dpo.training.recipe import kto_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, unpaired_csv[0], tmp_path / "run", "loss.type=kto", "data.unpaired=true"))
     rows, _ = load_preference_dataset(cfg.data)

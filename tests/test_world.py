@@ -7,10 +7,10 @@ import json
 import torch
 
 from lora_dpo.config import DataConfig, ModelConfig, load_config
-from lora_dpo.models import load_components
-from lora_dpo.prompts import digit_caption
-from lora_dpo.sources import load_preference_dataset
-from lora_dpo.world import HELDOUT_SEED_OFFSET, WORLD_DIR, WorldConfig, build_world
+from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.feedback.prompts import digit_caption
+from lora_dpo.models.loading import load_components
+from lora_dpo.world.build import HELDOUT_SEED_OFFSET, WORLD_DIR, WorldConfig, build_world
 
 REPORT = json.loads((WORLD_DIR / "world.json").read_text())
 
@@ -20,7 +20,7 @@ def test_committed_world_loads_through_the_kit_and_diffusers():
 
     comps = load_components(ModelConfig(pretrained_model_name_or_path=str(WORLD_DIR / "pipeline")), torch.float32)
     assert comps.family == "sd15" and comps.prediction_type == "epsilon"
-    from lora_dpo.models import encode_posterior
+    from lora_dpo.models.loading import encode_posterior
 
     mean, std = encode_posterior(comps, torch.zeros(1, 3, 32, 32))
     assert mean.shape == std.shape == (1, 4, 8, 8) and (std > 0).all()
@@ -67,10 +67,10 @@ def test_short_dpo_run_raises_the_reward(tmp_path):
     the base model, on a fixed set of held-out seeds (80 comparisons; the benchmark's 400 gave reward +0.061, win rate 0.740)."""
     from diffusers import StableDiffusionPipeline
 
-    from lora_dpo.sampling import generate_images
-    from lora_dpo.scorers import load_scorer
-    from lora_dpo.stats import wilson_interval, win_rate
-    from lora_dpo.train import train
+    from lora_dpo.evaluation.stats import wilson_interval, win_rate
+    from lora_dpo.feedback.scorers import load_scorer
+    from lora_dpo.inference.sampling import generate_images
+    from lora_dpo.training.recipe import train
 
     cfg = load_config(WORLD_DIR.parent.parent / "recipes/digits/lora_dpo.yaml", [
         f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",

@@ -1,0 +1,160 @@
+"""What a run exports: a LoRA adapter (``pytorch_lora_weights.safetensors`` in the diffusers format, with the LoRA
+metadata ``r``, ``lora_alpha``, ``target_modules`` that ``pipe.load_lora_weights`` reads) or, for full
+fine-tuning, a whole diffusers pipeline folder; and a model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_dpo.models.adapters import ADAPTER_NAME
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+
+
+def pipeline_class(family: str):
+    """The diffusers pipeline class whose ``save_lora_weights``/``load_lora_weights`` fit the family."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+
+
+def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
+                      full_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write the UNet's ``default`` adapter as ``<save_dir>/pytorch_lora_weights.safetensors`` (its weights taken from
+    ``full_state``, the UNet's whole gathered state dict, when given).
+
+    Keys are ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT names under diffusers' ``unet.`` prefix);
+    the safetensors header carries the PEFT ``LoraConfig`` (rank, alpha, target modules, patterns), so loaders do
+    not fall back to alpha = r. The keys are deliberately not passed through ``convert_state_dict_to_diffusers``:
+    it renames only the attention projections (``.lora.down.weight``) and leaves other modules in PEFT names, and
+    diffusers' loader decides from the first key alone whether to convert, so an adapter on attention and, e.g.,
+    ``proj_in`` would silently lose its attention weights on ``load_lora_weights``.
+    """
+    from peft.utils import get_peft_model_state_dict
+
+    save_dir = Path(save_dir)
+    save_dir.mkdir(parents=True, exist_ok=True)
+    state = get_peft_model_state_dict(unet, state_dict=full_state, adapter_name=ADAPTER_NAME)
+    layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = unet.peft_config[ADAPTER_NAME].to_dict()
+    pipeline_class(family).save_lora_weights(
+        save_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME,
+        safe_serialization=True,
+    )
+    return save_dir / WEIGHT_NAME
+
+
+def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, family: str) -> Path:
+    """Write a complete diffusers pipeline into ``save_dir``: the tuned UNet (fp32) and the base's other parts.
+
+    The VAE, text encoder(s), tokenizer(s), scheduler (and SD1.5's safety checker, if the base has one) are
+    re-read from ``model_cfg.pretrained_model_name_or_path`` in fp32, not taken from training, where they may
+    sit in half precision. ``StableDiffusionPipeline.from_pretrained(save_dir)`` (or the SDXL class) opens the
+    result. Returns the path of ``model_index.json``.
+    """
+    cls = pipeline_class(family)
+    pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, unet=unet, revision=model_cfg.revision,
+                               variant=model_cfg.variant, use_safetensors=True)
+    pipe.save_pretrained(save_dir, safe_serialization=True)
+    return Path(save_dir) / "model_index.json"
+
+
+# Licenses of the well-known bases; a model derived from them inherits theirs. Anything else: "other".
+BASE_LICENSES = {
+    "stable-diffusion-v1-5/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "runwayml/stable-diffusion-v1-5": "creativeml-openrail-m",
+    "CompVis/stable-diffusion-v1-4": "creativeml-openrail-m",
+    "stabilityai/stable-diffusion-xl-base-1.0": "openrail++",
+}
+
+
+def card_front_matter(base: str, family: str, relation: str, datasets: list[str] = ()) -> str:
+    """The YAML front matter of a Hugging Face model card, between ``---`` lines (``huggingface_hub``'s writer).
+
+    Args:
+        base: the base model's hub id or folder (``base_model``; the Hub links a hub id to its base).
+        family: ``sd15`` or ``sdxl`` (a tag).
+        relation: ``adapter`` (a LoRA), ``merge`` (a LoRA fused into the base) or ``finetune`` (full fine-tune):
+            the Hub's ``base_model_relation``.
+        datasets: hub ids of the training data (local paths are left out).
+    """
+    from huggingface_hub import ModelCardData
+
+    tags = ["text-to-image", "diffusers", "diffusion-dpo", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"]
+    if relation == "adapter":
+        tags.insert(2, "lora")
+    data = ModelCardData(
+        base_model=base, base_model_relation=relation, library_name="diffusers", pipeline_tag="text-to-image",
+        license=BASE_LICENSES.get(base, "other"), tags=tags,
+        datasets=[d for d in datasets if _is_hub_id(d)] or None,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+def _is_hub_id(name: str) -> bool:
+    from lora_dpo.models.loading import _HUB_ID
+
+    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
+
+
+# The method each loss.type trains with, for the model card.
+_METHODS = {
+    "sigmoid": "Diffusion-DPO (Wallace et al., CVPR 2024)",
+    "ipo": "the IPO loss (Azar et al. 2023) on Diffusion-DPO's implicit reward",
+    "hinge": "the hinge loss (Liu et al. 2023) on Diffusion-DPO's implicit reward",
+    "mapo": "MaPO (Hong et al. 2024)",
+    "kto": "Diffusion-KTO (Li et al. 2024)",
+    "sft": "supervised fine-tuning on the preferred images",
+}
+
+
+def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
+    """A Hugging Face model card ``README.md`` for the run folder: front matter (:func:`card_front_matter`), base
+    model, data, recipe, final metrics, and how to load the result."""
+    base = cfg.model.pretrained_model_name_or_path
+    cls = pipeline_class(family).__name__
+    shown = {k: final_metrics[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final_metrics}
+    if cfg.train.mode == "full":
+        what = f"A fully fine-tuned UNet (a complete diffusers pipeline folder) from `{base}`"
+        use = f"pipe = {cls}.from_pretrained(\"path/to/this/folder\")"
+        relation, other = "finetune", ""
+    else:
+        what = f"A LoRA adapter (rank {cfg.lora.r}, alpha {cfg.lora.lora_alpha}) for `{base}`"
+        if cfg.lora.init_from:
+            what = (f"A LoRA adapter for `{base}`, DPO-tuned from the LoRA `{cfg.lora.init_from}` (its rank and "
+                    "alpha; that LoRA was the reference, kept here as `reference_lora.safetensors`)")
+        use = (f"pipe = {cls}.from_pretrained(\"{base}\")\npipe.load_lora_weights(\"path/to/this/folder\")\n"
+               "# or fuse it into the base weights: pipe.fuse_lora(lora_scale=1.0)")
+        relation = "adapter"
+        other = ("\nOther tools: `lora-dpo export <this folder> --format kohya` writes the AUTOMATIC1111 / ComfyUI "
+                 "layout, `--format peft` the PEFT layout; `lora-dpo merge` fuses the adapter into a full pipeline "
+                 "folder.\n")
+    rows = "labeled images" if cfg.data.unpaired else "pairs"
+    unit = "images" if cfg.loss.type == "kto" else "pairs"
+    text = card_front_matter(base, family, relation, [cfg.data.dataset]) + f"""
+# {cfg.output.run_name}
+
+{what}, trained with {_METHODS[cfg.loss.type]} by lora-dpo.
+
+- Data: `{cfg.data.dataset}` (split `{cfg.data.split}`), {data_report.get("kept", "?")} {rows} kept of
+  {data_report.get("rows", "?")}; skipped: {json.dumps(data_report.get("skipped", {}))}
+- Loss: {cfg.loss.describe()}; {cfg.train.max_steps} steps, {cfg.train.batch_size} {unit} per device
+  × {cfg.train.gradient_accumulation_steps} accumulation; optimizer `{cfg.optim.name}`, lr {cfg.optim.lr}
+- Final metrics: `{json.dumps(shown)}`
+- Full recipe: `recipe.yaml`; per-step metrics: `metrics.jsonl`
+
+## Use
+
+```python
+from diffusers import {cls}
+{use}
+image = pipe("a photo of a cat").images[0]
+```
+{other}"""
+    path = Path(run_dir) / "README.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,83 @@
+"""Seeded, batched image generation with a diffusers text-to-image pipeline.
+
+Every image has its own CPU ``torch.Generator`` seeded with its own seed, and the pipeline receives one generator
+per image, so image i depends only on (prompt i, seed i) and the pipeline's weights: the same (prompt, seed)
+gives the same image whatever the batching, and a base model and the same model with an adapter, sampled with
+the same seeds, start from the same initial noise and are directly comparable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+
+
+def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+
+def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int = 20,
+                    guidance_scale: float = 3.0, height: int | None = None, width: int | None = None,
+                    batch_size: int = 64, progress: bool = False) -> list[Image.Image]:
+    """Generate one image per (prompt, seed): ``images[i] = pipe(prompts[i])`` drawn with
+    ``torch.Generator("cpu").manual_seed(seeds[i])``.
+
+    Args:
+        pipe: a diffusers text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...)
+            whose ``__call__`` takes ``prompt``, ``generator``, ``num_inference_steps``, ``guidance_scale``,
+            ``height``, ``width`` and ``output_type``. Its scheduler is used as configured.
+        prompts, seeds: same length N; seeds are integers (``manual_seed`` range).
+        num_inference_steps, guidance_scale: passed to the pipeline (classifier-free guidance when > 1).
+        height, width: image size in pixels; None = the pipeline's default (UNet sample size × VAE factor).
+        batch_size: images per pipeline call; changes speed and memory only, not the images (up to
+            floating-point reduction order, which on CPU leaves pixels unchanged in practice).
+        progress: show the pipeline's per-step progress bar (otherwise disabled via
+            ``pipe.set_progress_bar_config(disable=True)``; the setting stays on the pipeline).
+
+    Returns:
+        N RGB PIL images, in the order of ``prompts``.
+
+    Raises:
+        ValueError: ``prompts`` and ``seeds`` differ in length, or ``batch_size`` < 1.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"prompts and seeds must have the same length, got {len(prompts)} and {len(seeds)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    pipe.set_progress_bar_config(disable=not progress)
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        out = pipe(
+            prompt=chunk, generator=_generators(seeds[start:start + batch_size]),
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+            output_type="pil",
+        )
+        images.extend(img.convert("RGB") for img in out.images)
+    return images
+
+
+def load_pipeline(model: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                  revision: str | None = None, variant: str | None = None):
+    """A diffusers SD1.5 or SDXL pipeline (family read from ``model_index.json``) for sampling and scoring.
+
+    SD1.5's safety checker is left out: it blacks out images it flags, which would corrupt any score. The
+    pipeline's progress bar is off. Only safetensors weights are read. Raises :class:`lora_dpo.models.loading.ModelLoadError`
+    for a bad path or id, or pickle-only weights.
+    """
+    from lora_dpo.export.artifacts import pipeline_class
+    from lora_dpo.models.loading import detect_family, read_model_index, safetensors_only
+
+    family = detect_family(read_model_index(str(model), revision))
+    kwargs: dict = dict(revision=revision, variant=variant, use_safetensors=True)
+    if dtype != torch.float32:
+        kwargs["torch_dtype"] = dtype
+    if family == "sd15":
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    with safetensors_only(str(model)):
+        pipe = pipeline_class(family).from_pretrained(str(model), **kwargs).to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
