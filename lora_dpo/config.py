@@ -14,9 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """A recipe or override is invalid. The message names the key and says what to do."""
+from lora_dpo.errors import ConfigError
 
 
 class _Section(BaseModel):

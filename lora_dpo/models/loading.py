@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import torch
 
+from lora_dpo.errors import ModelLoadError
+
 Family = Literal["sd15", "sdxl"]
 
 _SD15_CLASSES = {"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"}
@@ -26,9 +28,6 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
           "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-
-class ModelLoadError(ValueError):
-    """The model path or id cannot be used; the message says what to pass instead."""
 
 
 def read_model_index(name_or_path: str, revision: str | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from lora_dpo.errors import AdapterMismatchError, UnsafeFileError
 from lora_dpo.export.artifacts import WEIGHT_NAME, pipeline_class
 
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -26,12 +27,6 @@ _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".
 _UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight", ".lora_linear_layer.up.weight")
 
 
-class UnsafeFileError(ValueError):
-    """A pickle file (or anything that is not safetensors) was given where lora-dpo reads weights."""
-
-
-class AdapterMismatchError(ValueError):
-    """The adapter was trained for another model (e.g. SDXL vs SD1.5): its modules or shapes do not fit."""
 
 
 def _unsafe_message(path: Path) -> str:

@@ -29,6 +29,7 @@ from lora_dpo.data.loader import build_dataloader
 from lora_dpo.data.sources import load_preference_dataset
 from lora_dpo.data.streaming import StreamingPairs, merge_reports
 from lora_dpo.data.unpaired import ImageBatch, LabeledImages
+from lora_dpo.errors import TrainingDiverged
 from lora_dpo.export.artifacts import write_model_card
 from lora_dpo.models.loading import (
     DTYPES,
@@ -59,9 +60,6 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the run stopped and its last good checkpoint is kept."""
 
 
 @dataclass
