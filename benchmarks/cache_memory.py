@@ -53,20 +53,20 @@ def write_pairs(folder: Path, n: int, seed: int = 0, per_file: int = 1000) -> No
 
 
 def worker(model: str, data: str, out: str, shard_size: int, mode: str) -> dict:
-    import lora_dpo.data.cache
+    import lora_dpo.training.cache_build
     from lora_dpo.config import load_config
-    from lora_dpo.data.cache import build_cache
-    from lora_dpo.training.recipe import _proc_status_gb
+    from lora_dpo.training.cache_build import build_cache
+    from lora_dpo.training.memory import proc_status_gb
 
     after_shard = []  # the peak so far after each pair shard is written: flat when a shard at a time is held
-    save_shard = lora_dpo.data.cache._save_shard
+    save_shard = lora_dpo.training.cache_build._save_shard
 
     def traced(out_dir, name, *args, **kwargs):
         save_shard(out_dir, name, *args, **kwargs)
         if name.startswith("shard_"):
-            after_shard.append(round(_proc_status_gb("VmHWM"), 3))
+            after_shard.append(round(proc_status_gb("VmHWM"), 3))
 
-    lora_dpo.data.cache._save_shard = traced
+    lora_dpo.training.cache_build._save_shard = traced
 
     cfg = load_config(None, [f"model.pretrained_model_name_or_path={model}", f"data.dataset={data}",
                              "data.resolution=32", f"data.streaming={mode == 'stream'}"])
@@ -76,7 +76,7 @@ def worker(model: str, data: str, out: str, shard_size: int, mode: str) -> dict:
     def sample() -> None:  # the peak RSS split into heap (anonymous) and file-backed (memory-mapped) pages
         while not done.wait(0.02):
             for key in peaks:
-                peaks[key] = max(peaks[key], _proc_status_gb(key) or 0.0)
+                peaks[key] = max(peaks[key], proc_status_gb(key) or 0.0)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -86,9 +86,9 @@ def worker(model: str, data: str, out: str, shard_size: int, mode: str) -> dict:
     sampler.join()
     size = sum(p.stat().st_size for p in Path(out).rglob("*") if p.is_file())
     return {"pairs_kept": manifest["pairs"], "shards": len(manifest["shards"]), "seconds": time.perf_counter() - t0,
-            "peak_rss_gb": _proc_status_gb("VmHWM"), "disk_mb": size / 2**20,
+            "peak_rss_gb": proc_status_gb("VmHWM"), "disk_mb": size / 2**20,
             # at the end: heap and anonymous memory vs file-backed (memory-mapped Arrow / parquet) pages
-            "end_rss_anon_gb": _proc_status_gb("RssAnon"), "end_rss_file_gb": _proc_status_gb("RssFile"),
+            "end_rss_anon_gb": proc_status_gb("RssAnon"), "end_rss_file_gb": proc_status_gb("RssFile"),
             "peak_rss_anon_gb": peaks["RssAnon"], "peak_rss_file_gb": peaks["RssFile"],
             "peak_after_each_shard_gb": after_shard}
 
@@ -105,7 +105,7 @@ def main() -> None:
         model, data, out, shard, mode = args.worker
         print(json.dumps(worker(model, data, out, int(shard), mode)))
         return
-    from lora_dpo.models.tiny import save_tiny_pipeline
+    from lora_dpo.models.archs import save_tiny_pipeline
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

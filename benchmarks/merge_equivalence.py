@@ -29,10 +29,12 @@ from pathlib import Path
 import torch
 
 from lora_dpo.config import LoraConfig
-from lora_dpo.export.artifacts import WEIGHT_NAME, pipeline_class, save_lora_adapter
+from lora_dpo.export.artifacts import save_lora_adapter
 from lora_dpo.export.merge import merge_adapter
 from lora_dpo.models.adapters import adapters_disabled, add_lora
 from lora_dpo.models.archs import ARCHES, build_components
+from lora_dpo.models.families import pipeline_class
+from lora_dpo.models.lora_files import WEIGHT_NAME
 
 
 def _inputs(unet, family: str, latent: int, device):

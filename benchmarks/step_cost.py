@@ -105,14 +105,10 @@ def run_worker(spec: dict, steps: int, warmup: int) -> dict:
     from lora_dpo.data.pairs import PairBatch
     from lora_dpo.models.archs import build_components
     from lora_dpo.models.loading import DTYPES
+    from lora_dpo.training.memory import current_memory_gb, peak_memory_gb, reset_peak_memory
     from lora_dpo.training.optim import build_optimizer
-    from lora_dpo.training.recipe import (
-        current_memory_gb,
-        dpo_micro_step,
-        peak_memory_gb,
-        reset_peak_memory,
-        setup_policy,
-    )
+    from lora_dpo.training.setup import setup_policy
+    from lora_dpo.training.steps import dpo_micro_step
 
     kind, loss = spec["mode"].split("-")
     cfg = load_config(None, [
@@ -201,8 +197,9 @@ def _cached_batch(components, batch, with_reference: bool):
     with torch.no_grad():
         mean, std = encode_posterior(components, batch.pixel_values)
         text = encode_prompts(components, batch.captions)
-    cached = CachedBatch(mean, std, text, batch.original_size, batch.crop_top_left, batch.target_size,
-                         batch.indices, batch.draw_seeds)
+    cached = CachedBatch(latent_mean=mean, latent_std=std, text=text, original_size=batch.original_size,
+                         crop_top_left=batch.crop_top_left, target_size=batch.target_size, indices=batch.indices,
+                         draw_seeds=batch.draw_seeds)
     if with_reference:
         cached.ref_mse = torch.rand(2 * batch.num_pairs, device=mean.device)
     return cached

@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lora_dpo.errors import ConfigError
+from lora_dpo.losses import LOSSES, LossType, describe, refused_option
+
+LOSS_TYPES = tuple(LOSSES)  # the allowed loss.type values, in the table's order
 
 
 class _Section(BaseModel):
@@ -35,7 +38,7 @@ class ModelConfig(_Section):
 
 class LoraConfig(_Section):
     """PEFT ``LoraConfig`` fields (names as in PEFT). ``lora_dropout`` stays 0: dropout makes the policy
-    differ from the disabled-adapter reference at step 0 (DESIGN.md §2)."""
+    differ from the disabled-adapter reference at step 0 (the step-0 loss would not be ln 2)."""
 
     r: int = Field(8, gt=0)
     lora_alpha: float = Field(8.0, gt=0)
@@ -56,7 +59,7 @@ class DataConfig(_Section):
     ``SPLIT-00000-of-00009.*`` are picked by ``split``), a ``Dataset.save_to_disk`` folder, or a folder of
     ``w/`` and ``l/`` image subfolders with matching file names plus a ``metadata.jsonl`` (``{"file_name":
     ..., "caption": ...}`` per pair). A table of ``preferred``/``rejected`` image columns (e.g. a CSV
-    ``caption,preferred,rejected``) needs no label. See :func:`lora_dpo.data.loader.load_preference_dataset`.
+    ``caption,preferred,rejected``) needs no label. See :func:`lora_dpo.data.sources.load_preference_dataset`.
     """
 
     dataset: str = "yuvalkirstain/pickapic_v2"
@@ -99,7 +102,7 @@ class DataConfig(_Section):
     num_workers: int = Field(0, ge=0)
     # Read the data as a stream (datasets IterableDataset, `load_dataset(..., streaming=True)`) instead of
     # loading it whole, for sets that do not fit on disk: checks run on the fly, pairs come from
-    # lora_dpo.data.loader.StreamingPairs.
+    # lora_dpo.data.loader.StreamedPairs.
     streaming: bool = False
     # Streaming only: rows in the shuffle buffer (IterableDataset.shuffle; shard order is shuffled too). 0:
     # stored order. Rows in the buffer at a checkpoint are not seen again after resuming (datasets' documented
@@ -158,11 +161,11 @@ class ReferenceConfig(_Section):
 
 
 class LossConfig(_Section):
-    """The preference loss (:mod:`lora_dpo.training.losses`), each with its own hyperparameters.
+    """The preference loss (:mod:`lora_dpo.losses`; its table :data:`lora_dpo.losses.LOSSES` declares each type).
 
     - ``sigmoid`` (default): Diffusion-DPO, ``u = -0.5·β·[(e_θ(w)-e_ref(w)) - (e_θ(l)-e_ref(l))]``,
-      ``-log σ(u)`` (DESIGN.md §1). β follows the official code's convention (errors averaged over C,H,W; factor
-      0.5): 5000. The diffusers research script's β=2500 without the 0.5 is the same loss. ``label_smoothing`` ε
+      ``-log σ(u)`` (Wallace et al. 2023, Eq. 14). β follows the official code's convention (errors averaged over
+      C,H,W; factor 0.5): 5000. The diffusers research script's β=2500 without the 0.5 is the same loss. ``label_smoothing`` ε
       gives conservative DPO; ``sdpo_mu`` μ turns on the Diffusion-SDPO safeguard (the rejected images' gradient
       scaled so that the preferred images' error cannot rise; the paper's launchers: 0.9 SD1.5, 0.6 SDXL).
     - ``ipo``: ``(h - 1/(2β))²`` on the same implicit log-ratio h = u/β; ``hinge``: ``max(0, 1 - u)``.
@@ -175,7 +178,7 @@ class LossConfig(_Section):
     - ``sft_weight`` w adds the anchor ``w·e_θ(w)`` to any preference loss (KTO: on its desirable images).
     """
 
-    type: Literal["sigmoid", "ipo", "hinge", "mapo", "kto", "sft"] = "sigmoid"
+    type: Literal[LOSS_TYPES] = "sigmoid"
     beta: float = Field(5000.0, gt=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=0.5)
     sdpo_mu: float | None = Field(None, ge=0.0, lt=1.0)
@@ -186,42 +189,34 @@ class LossConfig(_Section):
     undesirable_weight: float = Field(1.0, gt=0)
     sft_weight: float = Field(0.0, ge=0.0)
 
+    def _is_set(self, key: str) -> bool:
+        return getattr(self, key) != type(self).model_fields[key].default
+
     @model_validator(mode="after")
     def _options_fit_the_type(self) -> LossConfig:
-        if self.label_smoothing and self.type != "sigmoid":
-            raise ValueError(f"loss.label_smoothing applies to loss.type=sigmoid (conservative DPO), not {self.type}")
-        if self.sdpo_mu is not None and self.type != "sigmoid":
-            raise ValueError(f"loss.sdpo_mu (the Diffusion-SDPO safeguard) applies to loss.type=sigmoid, not {self.type}")
-        kto_options = [name for name in ("kto_beta", "desirable_weight", "undesirable_weight")
-                       if getattr(self, name) != type(self).model_fields[name].default and self.type != "kto"]
-        if kto_options:
-            raise ValueError(f"loss.{kto_options[0]} applies to loss.type=kto (Diffusion-KTO), not {self.type}")
-        if self.sft_weight and self.type == "sft":
-            raise ValueError("loss.sft_weight adds an SFT anchor to a preference loss; loss.type=sft is SFT already")
+        message = refused_option(self.type, self._is_set)  # lora_dpo.losses.REFUSALS
+        if message:
+            raise ValueError(message)
         return self
+
+    @property
+    def spec(self) -> LossType:
+        """This type's row of :data:`lora_dpo.losses.LOSSES`."""
+        return LOSSES[self.type]
 
     def describe(self) -> str:
         """The loss and the hyperparameters it uses, e.g. ``sigmoid (β 5000, SDPO μ 0.6)``, ``mapo (β 0.1, α 0.5)``."""
-        if self.type == "sft":
-            return "sft"
-        if self.type == "mapo":
-            parts = [f"β {self.mapo_beta:g}", f"α {self.mapo_alpha:g}"]
-        elif self.type == "kto":
-            parts = [f"β {self.kto_beta:g}", f"λ_D {self.desirable_weight:g}", f"λ_U {self.undesirable_weight:g}"]
-        else:
-            parts = [f"β {self.beta:g}"]
-        if self.label_smoothing:
-            parts.append(f"label smoothing {self.label_smoothing:g}")
-        if self.sdpo_mu is not None:
-            parts.append(f"SDPO μ {self.sdpo_mu:g}")
-        if self.sft_weight:
-            parts.append(f"SFT anchor {self.sft_weight:g}")
-        return f"{self.type} ({', '.join(parts)})"
+        return describe(self.type, lambda key: getattr(self, key), self._is_set)
 
     @property
     def needs_reference(self) -> bool:
         """Whether the loss compares against a reference (a reference pass, or precomputed reference errors)."""
-        return self.type in ("sigmoid", "ipo", "hinge", "kto")
+        return self.spec.needs_reference
+
+    @property
+    def unit(self) -> str:
+        """What ``train.batch_size`` counts for this loss: ``"pairs"`` or ``"images"`` (labeled images, KTO)."""
+        return self.spec.unit
 
 
 class OptimConfig(_Section):
@@ -312,12 +307,13 @@ class RecipeConfig(_Section):
                 "lora.init_from applies to train.mode=lora. To fine-tune the whole UNet from a LoRA, merge it first "
                 "(lora-dpo merge BASE LORA OUT) and set model.pretrained_model_name_or_path=OUT"
             )
-        if self.data.unpaired and self.loss.type != "kto":
-            raise ValueError(f"data.unpaired=true (one labeled image per row) trains loss.type=kto only, not "
-                             f"{self.loss.type}: set loss.type=kto, or give a pair set")
-        if self.loss.type == "kto" and (self.data.latent_cache or self.data.streaming):
-            raise ValueError("loss.type=kto reads its images from a map-style data set: data.latent_cache and "
-                             "data.streaming are not supported with it yet; remove them")
+        image_losses = "/".join(name for name, row in LOSSES.items() if row.unit == "images")
+        if self.data.unpaired and self.loss.unit != "images":
+            raise ValueError(f"data.unpaired=true (one labeled image per row) trains loss.type={image_losses} only, "
+                             f"not {self.loss.type}: set loss.type={image_losses}, or give a pair set")
+        if self.loss.unit == "images" and (self.data.latent_cache or self.data.streaming):
+            raise ValueError(f"loss.type={self.loss.type} reads its images from a map-style data set: "
+                             "data.latent_cache and data.streaming are not supported with it yet; remove them")
         if self.train.resume_from is not None and self.output.overwrite:
             raise ValueError("train.resume_from and output.overwrite=true contradict each other: choose one")
         return self

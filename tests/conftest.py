@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lora_dpo.models.tiny import save_tiny_pipeline
+from lora_dpo.models.archs import save_tiny_pipeline
 from lora_dpo.world.demo import build_photo_pairs
 
 

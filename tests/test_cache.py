@@ -13,9 +13,12 @@ from test_train import ROOT, _metrics
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.data.cache import CachedPairs, build_cache, check_cache, collate_cached, read_manifest
+from lora_dpo.data.cache import CachedPairDataset, check_cache, collate_cached, read_manifest
 from lora_dpo.data.sources import load_preference_dataset
-from lora_dpo.training.recipe import dpo_micro_step, setup_policy, train
+from lora_dpo.training.cache_build import build_cache
+from lora_dpo.training.recipe import train
+from lora_dpo.training.setup import setup_policy
+from lora_dpo.training.steps import dpo_micro_step
 
 
 def _cfg(family, model, data, out, *extra):
@@ -84,7 +87,7 @@ def test_the_cache_is_keyed_and_resumable(tiny_sd15, photo_pairs, tmp_path, monk
         check_cache(cfg, tmp_path / "split")
     resumed = build_cache(cfg, tmp_path / "split", shard_size=10, progress=False)
     assert resumed["shards"] == straight["shards"] and resumed["pairs_done"] == straight["pairs"]
-    a, b = (CachedPairs(tmp_path / x, cfg.data, 0) for x in ("straight", "split"))
+    a, b = (CachedPairDataset(tmp_path / x, cfg.data, 0) for x in ("straight", "split"))
     assert len(a) == len(b) == straight["pairs"]
     for i in range(len(a)):
         assert torch.equal(a[i]["latent_mean"], b[i]["latent_mean"])
@@ -114,7 +117,7 @@ def test_a_cache_built_from_a_stream_equals_the_map_style_one(tiny_sd15, photo_p
     assert streamed["shards"] == mapped["shards"]
     assert streamed["data_report"]["kept"] == mapped["data_report"]["kept"] == mapped["pairs"]
     check_cache(cfg, tmp_path / "streamed")  # the same key: either recipe trains from either cache
-    a, b = (CachedPairs(tmp_path / x, cfg.data, 0) for x in ("mapped", "streamed"))
+    a, b = (CachedPairDataset(tmp_path / x, cfg.data, 0) for x in ("mapped", "streamed"))
     assert a.rows["index"] == b.rows["index"] == list(range(len(a)))
     assert a.rows["latents"] == b.rows["latents"] and a.rows["caption_id"] == b.rows["caption_id"]
     assert a.texts["caption"] == b.texts["caption"] and a.texts["hidden"] == b.texts["hidden"]
@@ -138,7 +141,7 @@ def test_precomputed_reference_equals_the_reference_pass(mode, tiny_sd15, photo_
     cfg = _cfg("sd15", tiny_sd15, photo_pairs, tmp_path / "run", "data.caption_dropout=0", f"train.mode={mode}")
     build_cache(cfg, tmp_path / "cache", shard_size=100, reference_draws=2, progress=False, batch_size=4)
     manifest = check_cache(cfg, tmp_path / "cache")
-    pairs = CachedPairs(tmp_path / "cache", cfg.data, cfg.train.seed, manifest)
+    pairs = CachedPairDataset(tmp_path / "cache", cfg.data, cfg.train.seed, manifest)
     pairs.set_epoch(1)  # draw 1 of 2
     batch = collate_cached([pairs[i] for i in range(4)])
     assert batch.ref_mse.shape == (8,)

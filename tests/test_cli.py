@@ -70,7 +70,7 @@ def test_export_command(tiny_sd15, lora_sd15, tmp_path, capsys):
     import torch
     from test_train import _unet_inputs
 
-    from lora_dpo.export.artifacts import pipeline_class
+    from lora_dpo.models.families import pipeline_class
 
     assert main(["export", str(lora_sd15), "--format", "kohya", "--out", str(tmp_path / "k")]) == 2
     assert "pass --base" in capsys.readouterr().err
@@ -101,7 +101,7 @@ def test_generate_command(tiny_sd15, lora_sd15, tmp_path, capsys):
 
 def test_validate_checks_a_cache_and_a_stream(tiny_sd15, photo_pairs, tmp_path, capsys):
     from lora_dpo.config import load_config
-    from lora_dpo.data.cache import build_cache
+    from lora_dpo.training.cache_build import build_cache
 
     base = [f"model.pretrained_model_name_or_path={tiny_sd15}", f"data.dataset={photo_pairs}", "data.resolution=32"]
     build_cache(load_config(RECIPE, base), tmp_path / "cache", progress=False)

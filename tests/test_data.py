@@ -20,9 +20,9 @@ from PIL import Image
 from lora_dpo.config import DataConfig
 from lora_dpo.data.filters import SkipCounter
 from lora_dpo.data.loader import PairSampler, build_dataloader
-from lora_dpo.data.pairs import PairBatch, PreferencePairs, SkippedRow, collate_pairs
+from lora_dpo.data.pairs import PairBatch, PairDataset, SkippedRow, collate_pairs
 from lora_dpo.data.sources import load_preference_dataset
-from lora_dpo.data.streaming import StreamingPairs, merge_reports
+from lora_dpo.data.streaming import StreamedPairs, merge_reports
 
 RED, BLUE = (220, 30, 30), (30, 30, 220)
 SCHEMA = pa.schema([("caption", pa.string()), ("jpg_0", pa.binary()), ("jpg_1", pa.binary()), ("label_0", pa.float64())])
@@ -92,7 +92,7 @@ def test_filtering_counts_and_orientation(tmp_path, caplog):
     json.dumps(report)
     assert any("2 kept" in r.getMessage() for r in caplog.records)
     assert ds["caption"] == ["w first", "w second"]
-    pairs = PreferencePairs(ds, cfg, seed=0)
+    pairs = PairDataset(ds, cfg, seed=0)
     for i in range(2):
         ex = pairs[i]
         assert ex["index"] == i and ex["pixel_values"].shape == (2, 3, 16, 16)
@@ -120,7 +120,7 @@ def test_truncated_jpeg_passes_header_but_is_skipped_in_batch(tmp_path):
     rows = [("ok", img_bytes(RED), img_bytes(BLUE), 1.0), ("cut", img_bytes(RED), truncated, 1.0)]
     ds, report, cfg = load(tmp_path, rows)
     assert report["kept"] == 2 and report["skipped"] == {}
-    pairs = PreferencePairs(ds, cfg, seed=0)
+    pairs = PairDataset(ds, cfg, seed=0)
     assert pairs[1] == SkippedRow("undecodable_image", 1)
     batch = collate_pairs([pairs[0], pairs[1]])
     assert batch.num_pairs == 1 and batch.num_skipped == 1 and batch.skipped == {"undecodable_image": 1}
@@ -147,7 +147,7 @@ def test_mode_conversions_and_odd_sizes(tmp_path):
     ]
     ds, report, cfg = load(tmp_path, rows)
     assert report["converted"] == {"grayscale": 2, "rgba": 1, "palette": 1, "odd_size": 2, "upscaled": 1}
-    pairs = PreferencePairs(ds, cfg, seed=0)
+    pairs = PairDataset(ds, cfg, seed=0)
     examples = [pairs[i] for i in range(3)]
     for ex in examples:
         px = ex["pixel_values"]
@@ -167,7 +167,7 @@ def test_mode_conversions_and_odd_sizes(tmp_path):
 def test_rgba_partial_alpha_composited_over_white(tmp_path):
     half = Image.new("RGBA", (16, 16), (255, 0, 0, 128))
     ds, _, cfg = load(tmp_path, [("a", img_bytes(half), img_bytes(BLUE), 1.0)])
-    px = PreferencePairs(ds, cfg, seed=0)[0]["pixel_values"][0]
+    px = PairDataset(ds, cfg, seed=0)[0]["pixel_values"][0]
     expect = torch.tensor([255, 127, 127]) / 127.5 - 1  # 255*(1-128/255) ~ 127
     assert torch.allclose(px.mean(dim=(1, 2)), expect, atol=0.02)
 
@@ -194,13 +194,13 @@ def test_identical_images_get_identical_crop_and_flip(tmp_path):
     cfg = make_cfg(tmp_path, "unused", random_crop=True, random_flip=True)
     flips, crops = set(), set()
     for seed in range(3):
-        pairs = PreferencePairs(ds, cfg, seed=seed)
+        pairs = PairDataset(ds, cfg, seed=seed)
         for i in range(len(pairs)):
             ex = pairs[i]
             assert torch.equal(ex["pixel_values"][0], ex["pixel_values"][1])
             assert torch.equal(ex["crop_top_left"][0], ex["crop_top_left"][1])
             crops.add((i % 2, *ex["crop_top_left"][0].tolist()))
-            flipped = PreferencePairs(ds, cfg.model_copy(update={"random_flip": False}), seed=seed)[i]
+            flipped = PairDataset(ds, cfg.model_copy(update={"random_flip": False}), seed=seed)[i]
             flips.add(not torch.equal(flipped["pixel_values"], ex["pixel_values"]))
     assert flips == {True, False} and len({c for c in crops if c[0]}) > 3 and len({c for c in crops if not c[0]}) > 3
 
@@ -209,13 +209,13 @@ def test_crop_positions_are_per_image_and_share_fractions(tmp_path):
     # No resize needed (short side 16 == R): img_w 32x16 (h x w), img_l 16x48; coordinates readable from pixels.
     a, b = img_bytes(coord_image(32, 16)), img_bytes(coord_image(16, 48))
     ds, _, cfg = load(tmp_path, [("c", a, b, 1.0), ("c", b, a, 0.0)] * 10)
-    center = PreferencePairs(ds, cfg, seed=0)[0]
+    center = PairDataset(ds, cfg, seed=0)[0]
     assert center["original_size"].tolist() == [[32, 16], [16, 48]]
     assert center["crop_top_left"].tolist() == [[8, 0], [0, 16]]
     rand_cfg = cfg.model_copy(update={"random_crop": True})
     tops, lefts = [], []
     for i in range(20):
-        ex = PreferencePairs(ds, rand_cfg, seed=3)[i]
+        ex = PairDataset(ds, rand_cfg, seed=3)[i]
         (tw, lw), (tl, ll) = ex["crop_top_left"].tolist()
         assert lw == 0 and tl == 0 and 0 <= tw <= 16 and 0 <= ll <= 32
         for k in range(2):  # the top-left output pixel encodes the crop origin
@@ -233,7 +233,7 @@ def test_crop_fractions_shared_across_sizes(tmp_path, axis):
     shapes = [(32, 64), (16, 48)] if axis else [(64, 32), (48, 16)]
     a, b = (img_bytes(coord_image(*hw)) for hw in shapes)
     ds, _, cfg = load(tmp_path, [("c", a, b, 1.0)] * 30, random_crop=True)
-    pairs = PreferencePairs(ds, cfg, seed=5)
+    pairs = PairDataset(ds, cfg, seed=5)
     offsets = []
     for i in range(30):
         ex = pairs[i]
@@ -249,10 +249,10 @@ def test_crop_fractions_shared_across_sizes(tmp_path, axis):
 def test_caption_dropout_rate_and_off(tmp_path):
     tiny = img_bytes(RED, size=(16, 16))
     ds, _, cfg = load(tmp_path, [(f"caption {i}", tiny, tiny, 1.0) for i in range(400)])
-    half = PreferencePairs(ds, cfg.model_copy(update={"caption_dropout": 0.5}), seed=0)
+    half = PairDataset(ds, cfg.model_copy(update={"caption_dropout": 0.5}), seed=0)
     dropped = sum(half[i]["caption"] == "" for i in range(400))
     assert 150 <= dropped <= 250  # Binomial(400, 0.5): sd = 10
-    never = PreferencePairs(ds, cfg, seed=0)
+    never = PairDataset(ds, cfg, seed=0)
     assert all(never[i]["caption"] == f"caption {i}" for i in range(400))
 
 
@@ -265,7 +265,7 @@ def test_same_seed_epoch_index_is_identical_other_epoch_differs(tmp_path):
              for i in range(2)]
     ds, _, _ = load(tmp_path, [("c", noise[0], noise[1], 1.0)] * 16)
     cfg = make_cfg(tmp_path, "unused", random_crop=True, random_flip=True, caption_dropout=0.3)
-    a, b = PreferencePairs(ds, cfg, seed=7), PreferencePairs(ds, cfg, seed=7)
+    a, b = PairDataset(ds, cfg, seed=7), PairDataset(ds, cfg, seed=7)
     a.set_epoch(2)
     b.set_epoch(2)
     for i in (0, 5, 15):
@@ -274,7 +274,7 @@ def test_same_seed_epoch_index_is_identical_other_epoch_differs(tmp_path):
         assert torch.equal(ea["crop_top_left"], eb["crop_top_left"])
     b.set_epoch(3)
     assert any(not torch.equal(a[i]["pixel_values"], b[i]["pixel_values"]) for i in range(16))
-    c = PreferencePairs(ds, cfg, seed=8)
+    c = PairDataset(ds, cfg, seed=8)
     c.set_epoch(2)
     assert any(not torch.equal(a[i]["pixel_values"], c[i]["pixel_values"]) for i in range(16))
 
@@ -289,7 +289,7 @@ def test_collate_puts_all_preferred_first(tmp_path):
             ("p1", img_bytes(colours[1][1]), img_bytes(colours[1][0], size=(16, 32)), 0.0),  # flipped row
             ("p2", img_bytes(colours[2][0], size=(40, 16)), img_bytes(colours[2][1]), 1.0)]
     ds, _, cfg = load(tmp_path, rows)
-    pairs = PreferencePairs(ds, cfg, seed=0)
+    pairs = PairDataset(ds, cfg, seed=0)
     batch = collate_pairs([pairs[0], pairs[1], pairs[2]])
     assert isinstance(batch, PairBatch) and batch.num_pairs == 3 and batch.num_skipped == 0
     assert batch.pixel_values.shape == (6, 3, 16, 16)
@@ -398,7 +398,7 @@ def test_load_jsonl_with_relative_image_paths(tmp_path):
     cfg = make_cfg(tmp_path, tmp_path / "pairs.jsonl")
     ds, report = load_preference_dataset(cfg)
     assert report["kept"] == 1 and report["skipped"] == {"missing_image_file": 1}  # a path that names no file
-    ex = PreferencePairs(ds, cfg, seed=0)[0]
+    ex = PairDataset(ds, cfg, seed=0)[0]
     assert is_red(ex["pixel_values"][0]) and not is_red(ex["pixel_values"][1])
 
 
@@ -412,11 +412,11 @@ def test_load_save_to_disk_with_image_feature_and_arrow_file(tmp_path):
     cfg = make_cfg(tmp_path, tmp_path / "saved")
     ds, report = load_preference_dataset(cfg)
     assert report["kept"] == 2 and report["skipped"] == {"tie": 1}
-    pairs = PreferencePairs(ds, cfg, seed=0)
+    pairs = PairDataset(ds, cfg, seed=0)
     assert all(is_red(pairs[i]["pixel_values"][0]) for i in range(2))
     arrow_file = next((tmp_path / "saved").glob("*.arrow"))
     ds2, report2 = load_preference_dataset(make_cfg(tmp_path, arrow_file))
-    assert report2["kept"] == 2 and is_red(PreferencePairs(ds2, cfg, seed=0)[1]["pixel_values"][0])
+    assert report2["kept"] == 2 and is_red(PairDataset(ds2, cfg, seed=0)[1]["pixel_values"][0])
     dd = datasets.DatasetDict({"test": datasets.Dataset.from_dict(data, features=features)})
     dd.save_to_disk(str(tmp_path / "saved_dict"))
     ds3, _ = load_preference_dataset(make_cfg(tmp_path, tmp_path / "saved_dict", split="test"))
@@ -444,7 +444,7 @@ def test_decoding_image_feature_given_directly_never_raises(tmp_path):
     data = {"caption": ["a", "b"], "jpg_0": [{"bytes": full, "path": None}, {"bytes": full[:600], "path": None}],
             "jpg_1": [{"bytes": img_bytes(RED), "path": None}] * 2, "label_0": [0.0, 1.0]}
     ds = datasets.Dataset.from_dict(data, features=features)  # decode=True: datasets would raise on row 1
-    pairs = PreferencePairs(ds, make_cfg(tmp_path, "unused"), seed=0)
+    pairs = PairDataset(ds, make_cfg(tmp_path, "unused"), seed=0)
     assert is_red(pairs[0]["pixel_values"][0]) and pairs[0]["original_size"].tolist() == [[24, 24], [64, 64]]
     assert pairs[1] == SkippedRow("undecodable_image", 1)
 
@@ -492,7 +492,7 @@ def pickapic_rows(triples) -> list[tuple]:
 
 
 def oriented_pairs(ds, cfg, seed: int = 0) -> list[tuple[str, torch.Tensor]]:
-    pairs = PreferencePairs(ds, cfg, seed)
+    pairs = PairDataset(ds, cfg, seed)
     return [(pairs[i]["caption"], pairs[i]["pixel_values"]) for i in range(len(pairs))]
 
 
@@ -600,7 +600,7 @@ def test_csv_of_paths_default_and_mapped_columns(tmp_path):
     assert report["kept"] == len(triples) and report["skipped"] == {}
     got = oriented_pairs(ds, cfg)
     assert_same_pairs([(c.removesuffix(", with a comma"), px) for c, px in got], expected)
-    streamed = list(StreamingPairs(cfg.model_copy(update={"shuffle_buffer": 0}), seed=0))
+    streamed = list(StreamedPairs(cfg.model_copy(update={"shuffle_buffer": 0}), seed=0))
     assert [e["caption"] for e in streamed] == [c for c, _ in got]
     # Mapped columns: another header, no label (the first image column is the preferred one), two bad rows.
     mapped_rows = [[*row, "x"] for row in rows] + [["lost", "imgs/0_w.png", "imgs/gone.png", "x"],
@@ -655,7 +655,7 @@ def test_hub_id_goes_through_load_dataset(tmp_path, monkeypatch):
     assert calls == [(("yuvalkirstain/pickapic_v2",),
                       {"split": "validation", "cache_dir": None, "streaming": False})]
     with pytest.raises(FileNotFoundError, match="could not be loaded"):
-        StreamingPairs(cfg.model_copy(update={"streaming": True}), seed=0)
+        StreamedPairs(cfg.model_copy(update={"streaming": True}), seed=0)
     assert calls[-1][1]["streaming"] is True
     # A reachable hub (faked): its rows go through the same checks, streamed when asked.
     rows = pickapic_rows(preference_triples(3))
@@ -666,7 +666,7 @@ def test_hub_id_goes_through_load_dataset(tmp_path, monkeypatch):
                         lambda name, **kw: table.to_iterable_dataset() if kw["streaming"] else table)
     ds, report = load_preference_dataset(cfg)
     assert ds["caption"] == [rows[0][0], rows[2][0]] and report["skipped"] == {"not_different": 1}
-    stream = StreamingPairs(cfg.model_copy(update={"streaming": True, "shuffle_buffer": 0}), seed=0)
+    stream = StreamedPairs(cfg.model_copy(update={"streaming": True, "shuffle_buffer": 0}), seed=0)
     assert [e["caption"] for e in stream] == ds["caption"]
 
 
@@ -716,7 +716,7 @@ def test_not_different_identical_and_duplicate_filters(tmp_path):
 
 
 def same_examples(a, b) -> bool:
-    """Two lists of PreferencePairs examples / SkippedRow markers are equal, tensors included."""
+    """Two lists of PairDataset examples / SkippedRow markers are equal, tensors included."""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b):
@@ -741,9 +741,9 @@ def test_streaming_matches_map_style(tmp_path, messy_pairs):
                    caption_dropout=0.3, drop_duplicates=True, shuffle_buffer=0)
     ds, report = load_preference_dataset(cfg)
     assert report["skipped"]["duplicate"] == repeats
-    mapped = [PreferencePairs(ds, cfg, seed=3)[i] for i in range(len(ds))]
+    mapped = [PairDataset(ds, cfg, seed=3)[i] for i in range(len(ds))]
     assert any(isinstance(e, SkippedRow) for e in mapped)  # the truncated JPEG fails at decode in both paths
-    stream = StreamingPairs(cfg, seed=3)
+    stream = StreamedPairs(cfg, seed=3)
     assert stream.report()["complete"] is False
     assert same_examples(list(stream), mapped)
     assert {k: stream.report()[k] for k in COUNTS} == {k: report[k] for k in COUNTS}
@@ -754,10 +754,10 @@ def test_streaming_matches_map_style(tmp_path, messy_pairs):
     assert not same_examples(epoch1, mapped)
     capped = cfg.model_copy(update={"max_pairs": 5})
     ds5, report5 = load_preference_dataset(capped)
-    stream5 = StreamingPairs(capped, seed=3)
-    assert same_examples(list(stream5), [PreferencePairs(ds5, capped, seed=3)[i] for i in range(len(ds5))])
+    stream5 = StreamedPairs(capped, seed=3)
+    assert same_examples(list(stream5), [PairDataset(ds5, capped, seed=3)[i] for i in range(len(ds5))])
     assert {k: stream5.report()[k] for k in COUNTS} == {k: report5[k] for k in COUNTS}
-    with pytest.raises(ValueError, match="StreamingPairs"):
+    with pytest.raises(ValueError, match="StreamedPairs"):
         load_preference_dataset(cfg.model_copy(update={"streaming": True}))
 
 
@@ -772,7 +772,7 @@ def test_streaming_splits_disjointly_across_ranks(tmp_path):
         for buffer in (0, 4):
             cfg = make_cfg(tmp_path, source, shuffle_buffer=buffer)
             ds, report = load_preference_dataset(cfg)
-            shares = [StreamingPairs(cfg, seed=0, num_replicas=2, rank=r) for r in range(2)]
+            shares = [StreamedPairs(cfg, seed=0, num_replicas=2, rank=r) for r in range(2)]
             examples = [list(share) for share in shares]
             captions = [[e["caption"] for e in share] for share in examples]
             assert all(captions) and set(captions[0]).isdisjoint(captions[1]), name
@@ -784,7 +784,7 @@ def test_streaming_splits_disjointly_across_ranks(tmp_path):
             if buffer:
                 assert captions != [[c for c in ds["caption"] if c in share] for share in captions], name
     with pytest.raises(ValueError, match="rank"):
-        StreamingPairs(cfg, seed=0, num_replicas=2, rank=2)
+        StreamedPairs(cfg, seed=0, num_replicas=2, rank=2)
 
 
 def test_streaming_resumes_at_the_saved_position(tmp_path):
@@ -802,12 +802,12 @@ def test_streaming_resumes_at_the_saved_position(tmp_path):
         it = stream.batches(batch_size)
         return [next(it) for _ in range(n)], it
 
-    uninterrupted, _ = take(StreamingPairs(cfg, seed=1), before + after)
-    a = StreamingPairs(cfg, seed=1)
+    uninterrupted, _ = take(StreamedPairs(cfg, seed=1), before + after)
+    a = StreamedPairs(cfg, seed=1)
     first, it = take(a, before)
     state = json.loads(json.dumps(a.state_dict()))
     rest = [next(it) for _ in range(after)]
-    b = StreamingPairs(cfg, seed=1)
+    b = StreamedPairs(cfg, seed=1)
     b.load_state_dict(state)
     resumed, _ = take(b, after)
     for got, want in ((first + rest, uninterrupted), (resumed, rest)):
@@ -817,6 +817,6 @@ def test_streaming_resumes_at_the_saved_position(tmp_path):
     assert b.epoch == a.epoch == 2 and b.report() == a.report()
     assert a.report()["skipped"] == {"tie": 1, "duplicate": 1} and a.report()["complete"]
     with pytest.raises(ValueError, match="train.seed"):
-        StreamingPairs(cfg, seed=2).load_state_dict(state)
+        StreamedPairs(cfg, seed=2).load_state_dict(state)
     with pytest.raises(ValueError, match="train.batch_size"):
-        next(StreamingPairs(cfg, seed=1).batches(kept + 1))
+        next(StreamedPairs(cfg, seed=1).batches(kept + 1))

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.evaluation.run import evaluate_run, implicit_reward_accuracy, load_exported_adapter
+from lora_dpo.evaluation.figures import moving_average, plot_training_curves
+from lora_dpo.evaluation.implicit_reward import implicit_reward_accuracy, load_exported_adapter
+from lora_dpo.evaluation.run import evaluate_run
 from lora_dpo.evaluation.stats import (
     bootstrap_interval,
     diversity,
@@ -24,8 +26,8 @@ from lora_dpo.evaluation.stats import (
     win_outcomes,
     win_rate,
 )
-from lora_dpo.export.artifacts import WEIGHT_NAME
-from lora_dpo.inference.grids import grid_size, make_grid, moving_average, plot_training_curves, tile_size
+from lora_dpo.inference.grids import grid_size, make_grid, tile_size
+from lora_dpo.models.lora_files import WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a handwritten digit seven", "a photo of a cat"]

@@ -13,10 +13,12 @@ from diffusers import UNet2DConditionModel
 from safetensors import safe_open
 
 from lora_dpo.config import LoraConfig
-from lora_dpo.export.artifacts import pipeline_class, save_lora_adapter
+from lora_dpo.export.artifacts import save_lora_adapter
 from lora_dpo.export.formats import FORMATS, export_adapter, kohya_module_name
 from lora_dpo.models.adapters import add_lora
-from lora_dpo.models.archs import SD15_UNET, SDXL_UNET
+from lora_dpo.models.families import pipeline_class
+from lora_dpo.models.families.sd15 import UNET_CONFIG as SD15_UNET
+from lora_dpo.models.families.sdxl import UNET_CONFIG as SDXL_UNET
 
 ATOL = 1e-5
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]

@@ -13,7 +13,7 @@ from test_train import ROOT, _args, _metrics, _unet_inputs
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.export.artifacts import pipeline_class
+from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.loading import load_components
 from lora_dpo.training.recipe import train
 

@@ -11,7 +11,7 @@ import torch
 from conftest import save_random_lora
 from PIL import Image
 
-from lora_dpo.inference import generate as gen
+from lora_dpo.inference import generation as gen
 from lora_dpo.inference import sampling
 from lora_dpo.inference.grids import LABEL_HEIGHT, SIDE_WIDTH, grid_size, tile_size
 from lora_dpo.models.loading import ModelLoadError

@@ -12,8 +12,8 @@ from test_train import ROOT, _args, _metrics, _unet_inputs
 
 from lora_dpo.cli import main
 from lora_dpo.config import load_config
-from lora_dpo.export.artifacts import pipeline_class
 from lora_dpo.models.adapters import ADAPTER_NAME, REFERENCE_ADAPTER
+from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.lora_files import UnsafeFileError
 from lora_dpo.models.policy import REFERENCE_LORA_FILE
 from lora_dpo.training.recipe import train
@@ -109,7 +109,7 @@ def test_bad_starting_lora_fails_before_weights_load(tiny_sd15, tiny_sdxl, photo
 def test_implicit_reward_is_measured_against_the_starting_lora(tiny_sd15, photo_pairs, start_lora, tmp_path):
     """A run that barely moved from its starting LoRA has implicit rewards ~0; against the base model they would
     be the starting LoRA's own, far from 0."""
-    from lora_dpo.evaluation.run import implicit_reward_accuracy
+    from lora_dpo.evaluation.implicit_reward import implicit_reward_accuracy
 
     out = tmp_path / "run"
     _run(tiny_sd15, photo_pairs, out, f"lora.init_from={start_lora}", "optim.lr=1e-12", "train.max_steps=1")

@@ -43,7 +43,7 @@ def run_counting_unet_calls(step, cfg, batch):
     returns the batch sizes of the UNet calls in order, and the step's ``(loss, metrics)``."""
     from accelerate import Accelerator
 
-    from lora_dpo.training.recipe import setup_policy
+    from lora_dpo.training.setup import setup_policy
 
     components, policy, dtype = setup_policy(cfg, "cpu")
     calls = []
@@ -59,7 +59,7 @@ def run_counting_unet_calls(step, cfg, batch):
 def _count_unet_calls(loss_cfg, tiny_sd15, photo_pairs, tmp_path):
     from lora_dpo.data.loader import build_dataloader
     from lora_dpo.data.sources import load_preference_dataset
-    from lora_dpo.training.recipe import dpo_micro_step
+    from lora_dpo.training.steps import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run"))
     cfg = cfg.model_copy(update={"loss": loss_cfg})
@@ -77,7 +77,7 @@ def test_mapo_runs_no_reference_pass(tiny_sd15, photo_pairs, tmp_path):
 
 
 def test_mapo_full_mode_keeps_no_reference_copy(tiny_sd15, photo_pairs, tmp_path):
-    from lora_dpo.training.recipe import setup_policy
+    from lora_dpo.training.setup import setup_policy
 
     full = ["train.mode=full", "optim.lr=1e-5"]
     _, policy, _ = setup_policy(load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "a", "loss.type=mapo", *full)), "cpu")

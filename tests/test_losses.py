@@ -1,11 +1,11 @@
-"""The Diffusion-DPO loss against values derived by hand (DESIGN.md §1)."""
+"""The Diffusion-DPO loss against values derived by hand (Wallace et al. 2023, arXiv 2311.12908, Eq. 14)."""
 
 import math
 
 import pytest
 import torch
 
-from lora_dpo.training.losses import diffusion_dpo_loss, per_sample_mse
+from lora_dpo.losses import diffusion_dpo_loss, per_sample_mse
 
 
 def test_per_sample_mse_averages_over_c_h_w_in_fp32():
@@ -69,7 +69,7 @@ def test_bad_shapes_raise():
 
 
 def test_sft_loss_is_the_preferred_error():
-    from lora_dpo.training.losses import sft_loss
+    from lora_dpo.losses import sft_loss
 
     err = torch.tensor([0.25, 0.5])
     loss, m = sft_loss(err)
@@ -137,7 +137,7 @@ def test_hinge_stops_at_margin_one():
 
 
 def test_mapo_matches_the_paper_and_needs_no_reference():
-    from lora_dpo.training.losses import mapo_loss
+    from lora_dpo.losses import mapo_loss
 
     e = torch.tensor([0.5, 0.501], requires_grad=True)  # preferred, rejected: a margin of about 0.2
     loss, m = mapo_loss(e, beta=0.1, alpha=0.5, num_train_timesteps=1000)
@@ -156,7 +156,7 @@ def test_mapo_matches_the_paper_and_needs_no_reference():
 
 
 def test_kto_scores_each_image_against_the_reference_point():
-    from lora_dpo.training.losses import kto_loss, kto_reference_point
+    from lora_dpo.losses import kto_loss, kto_reference_point
 
     model = torch.tensor([0.40, 0.60, 0.50], requires_grad=True)
     ref = torch.tensor([0.50, 0.50, 0.50])  # g = e_ref - e_θ = 0.1, -0.1, 0
@@ -178,7 +178,7 @@ def test_kto_scores_each_image_against_the_reference_point():
 
 
 def test_kto_measures_each_reward_from_a_positive_reference_point():
-    from lora_dpo.training.losses import kto_loss, kto_reference_point
+    from lora_dpo.losses import kto_loss, kto_reference_point
 
     model = torch.tensor([0.4, 0.6, 0.2])
     ref = torch.tensor([0.5, 0.5, 0.5])  # g = 0.1, -0.1, 0.3: mean 0.1
@@ -195,7 +195,7 @@ def test_kto_measures_each_reward_from_a_positive_reference_point():
 
 
 def test_sdpo_scale_keeps_the_preferred_error_from_rising():
-    from lora_dpo.training.losses import sdpo_loser_scale
+    from lora_dpo.losses import sdpo_loser_scale
 
     g = torch.Generator().manual_seed(0)
     target = torch.randn(2, 4, 3, 3, generator=g)

@@ -11,8 +11,8 @@ from safetensors.torch import load_file
 from test_train import _unet_inputs
 
 from lora_dpo.cli import main
-from lora_dpo.export.artifacts import pipeline_class
 from lora_dpo.export.merge import merge_adapter
+from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.lora_files import AdapterMismatchError, UnsafeFileError
 
 TOLERANCE = 1e-5  # fp32: max |merged - adapter-loaded| of the UNet output (outputs are O(1))

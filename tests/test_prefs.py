@@ -21,8 +21,9 @@ from lora_dpo.cli import main
 from lora_dpo.config import DataConfig
 from lora_dpo.data.images import to_rgb
 from lora_dpo.data.sources import load_preference_dataset
-from lora_dpo.feedback.prefs import build_preference_set, pair_seeds, relabel_preference_set
+from lora_dpo.feedback.prefs import build_preference_set, pair_seeds
 from lora_dpo.feedback.prompts import digit_caption
+from lora_dpo.feedback.relabel import relabel_preference_set
 from lora_dpo.feedback.scorers import JpegCompressibilityScorer, load_scorer
 from lora_dpo.inference.sampling import generate_images
 

@@ -20,8 +20,8 @@ from safetensors.torch import load_file
 
 from lora_dpo.cli import main
 from lora_dpo.config import LossConfig, load_config
-from lora_dpo.export.artifacts import pipeline_class
 from lora_dpo.models.adapters import adapters_disabled, add_lora, load_lora_state_dict
+from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.loading import load_components
 from lora_dpo.training.recipe import train
 
@@ -216,7 +216,7 @@ def test_dpo_step_learns_the_preference_on_a_fixed_draw(tiny_sd15, photo_pairs):
 
     from lora_dpo.data.loader import build_dataloader
     from lora_dpo.data.sources import load_preference_dataset
-    from lora_dpo.training.recipe import dpo_micro_step
+    from lora_dpo.training.steps import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, "unused"))
     dataset, _ = load_preference_dataset(cfg.data)
@@ -272,7 +272,7 @@ def test_sft_trains_on_preferred_images_without_reference(tiny_sd15, photo_pairs
     """loss.type=sft: one policy pass over the B preferred images per micro-step, no reference pass."""
     from lora_dpo.data.loader import build_dataloader
     from lora_dpo.data.sources import load_preference_dataset
-    from lora_dpo.training.recipe import dpo_micro_step
+    from lora_dpo.training.steps import dpo_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, photo_pairs, tmp_path / "run", "loss.type=sft", "train.max_steps=2"))
     result = train(cfg)

@@ -13,7 +13,7 @@ from test_train import ROOT, _args, _metrics
 
 from lora_dpo.cli import main
 from lora_dpo.config import ConfigError, DataConfig, LossConfig, load_config
-from lora_dpo.data.pairs import PreferencePairs
+from lora_dpo.data.pairs import PairDataset
 from lora_dpo.data.sources import load_preference_dataset
 from lora_dpo.data.unpaired import ImageBatch, LabeledImages, collate_images
 
@@ -67,7 +67,7 @@ def test_an_unpaired_set_loads_checked_and_labeled(unpaired_csv):
 def test_a_pair_set_is_read_as_its_preferred_and_rejected_images(photo_pairs):
     cfg = DataConfig(dataset=str(photo_pairs), resolution=32, random_flip=False)
     rows, report = load_preference_dataset(cfg)
-    pairs, images = PreferencePairs(rows, cfg, seed=0), LabeledImages(rows, cfg, seed=0)
+    pairs, images = PairDataset(rows, cfg, seed=0), LabeledImages(rows, cfg, seed=0)
     assert len(images) == 2 * len(pairs) == 2 * report["kept"]
     for i in (0, 5, len(pairs) - 1):
         pair = pairs[i]
@@ -132,7 +132,7 @@ def test_kto_runs_one_reference_and_one_policy_pass_over_the_images(unpaired_csv
     from test_loss_family import run_counting_unet_calls
 
     from lora_dpo.data.loader import build_dataloader
-    from lora_dpo.training.recipe import kto_micro_step
+    from lora_dpo.training.steps import kto_micro_step
 
     cfg = load_config(None, _args(tiny_sd15, unpaired_csv[0], tmp_path / "run", "loss.type=kto", "data.unpaired=true"))
     rows, _ = load_preference_dataset(cfg.data)

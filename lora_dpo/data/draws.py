@@ -1,7 +1,7 @@
 """The random draws of a training step, keyed by the pair they belong to rather than by the process that sees it.
 
-Every random number a Diffusion-DPO step needs belongs to one pair (Wallace et al. 2023, arXiv 2311.12908, Eq. 14
-and DESIGN.md §1 step 2): the VAE posterior sample ``ε_z`` of each of its two images, and one noise ``ε`` and one
+Every random number a Diffusion-DPO step needs belongs to one pair (Wallace et al. 2023, arXiv 2311.12908, Eq. 14,
+where both images of a pair are noised with the same ε at the same t): the VAE posterior sample ``ε_z`` of each of its two images, and one noise ``ε`` and one
 timestep ``t`` shared by both. They all come from one CPU ``torch.Generator`` seeded with :func:`draw_seed` of
 ``(salt, seed, epoch, index)``, so:
 
@@ -19,7 +19,7 @@ Draw order inside one pair's generator, all float32 on the CPU: ``ε_z`` ``(2, C
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -35,23 +35,28 @@ def draw_seed(salt: int, seed: int, *key: int) -> int:
     return int(np.random.SeedSequence([salt, seed % 2**64, *key]).generate_state(1, np.uint64)[0])
 
 
-def pair_draws(seeds: Sequence[int], latent_shape: Sequence[int], num_train_timesteps: int, device=None):
+def pair_draws(seeds: Sequence[int], latent_shape: Sequence[int], num_train_timesteps: int, device=None,
+               sample_timesteps: Callable[[torch.Generator], torch.Tensor] | None = None):
     """The draws of ``B`` pairs, one generator per pair, in the batch layout of :class:`lora_dpo.data.pairs.PairBatch`.
 
     Args:
         seeds: ``B`` seeds from :func:`draw_seed`, in batch order.
         latent_shape: ``(C, h, w)`` of one image's latent.
         device: where the results go (drawn on the CPU, so they do not depend on the device).
+        sample_timesteps: the model family's timestep draw, ``(1,)`` from a pair's generator
+            (:func:`lora_dpo.models.loading.timestep_sampler`); None draws ``t ~ U{0..num_train_timesteps-1}``,
+            which is SD1.5's and SDXL's.
     Returns:
         ``eps_z (2B, C, h, w)`` (all preferred rows, then all rejected), ``noise (B, C, h, w)``, ``timesteps (B,)``
-        long; float tensors are float32.
+        (long for the uniform integer draw); float tensors are float32.
     """
     eps, noise, timesteps = [], [], []
     for seed in seeds:
         g = torch.Generator().manual_seed(int(seed))
         eps.append(torch.randn((2, *latent_shape), generator=g))
         noise.append(torch.randn((1, *latent_shape), generator=g))
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=g) if sample_timesteps is None
+                         else sample_timesteps(g))
     eps_z = torch.cat([torch.stack([e[0] for e in eps]), torch.stack([e[1] for e in eps])])
     return eps_z.to(device), torch.cat(noise).to(device), torch.cat(timesteps).to(device)
 

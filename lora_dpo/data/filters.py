@@ -3,7 +3,7 @@
 :class:`RowScanner` checks a row (label, score gap, ``are_different``, caption, image headers, identical
 images) and computes its duplicate key; :class:`Admission` turns the results, in row order, into keep / skip
 decisions counted by reason (:class:`SkipCounter`). Both the map-style load
-(:func:`lora_dpo.data.sources.load_preference_dataset`) and the stream (:class:`lora_dpo.data.streaming.StreamingPairs`)
+(:func:`lora_dpo.data.sources.load_preference_dataset`) and the stream (:class:`lora_dpo.data.streaming.StreamedPairs`)
 use them, so both keep the same rows.
 """
 

@@ -12,17 +12,19 @@ Flow, one module a step (each imports only the ones above it):
   keep / skip decisions counted by reason (:class:`lora_dpo.data.filters.SkipCounter`);
 - :mod:`lora_dpo.data.sources`: :func:`lora_dpo.data.sources.load_preference_dataset`: the source opened in any layout,
   its columns checked, the rows checked -> the kept rows and the report;
-- :mod:`lora_dpo.data.pairs`: :class:`lora_dpo.data.pairs.PreferencePairs` (decode, orient, RGB, resize, one
+- :mod:`lora_dpo.data.pairs`: :class:`lora_dpo.data.pairs.PairDataset` (decode, orient, RGB, resize, one
   crop/flip/caption-dropout draw per pair) -> :func:`lora_dpo.data.pairs.collate_pairs` ->
   :class:`lora_dpo.data.pairs.PairBatch`;
-- :mod:`lora_dpo.data.streaming` (``data.streaming``): :class:`lora_dpo.data.streaming.StreamingPairs` runs the same
+- :mod:`lora_dpo.data.streaming` (``data.streaming``): :class:`lora_dpo.data.streaming.StreamedPairs` runs the same
   checks and the same per-pair processing on the fly over a datasets ``IterableDataset``, one share per
   process, with a resumable position;
 - :mod:`lora_dpo.data.unpaired` (``loss.type: kto``): :class:`lora_dpo.data.unpaired.LabeledImages`, labeled images from an
   unpaired set (``data.unpaired``) or from a pair set's preferred and rejected images, batched as
   :class:`lora_dpo.data.unpaired.ImageBatch`;
-- this module: :class:`PairSampler` (deterministic, resumable, sharded order) and :func:`build_dataloader`
-  (one epoch's DataLoader of :class:`lora_dpo.data.pairs.PairBatch`).
+- this module: :class:`PairSampler` (deterministic, resumable, sharded order), :func:`build_dataloader`
+  (one epoch's DataLoader of :class:`lora_dpo.data.pairs.PairBatch`), and the endless, resumable micro-batch
+  iterators the training loop draws from: :class:`MicroBatches` (map-style data sets) and
+  :class:`StreamedMicroBatches` (``data.streaming``).
 
 Other layouts are mapped into the Pick-a-Pic schema on loading (the configured column names), so everything
 downstream is unchanged: a ``w/`` + ``l/`` image folder with ``metadata.jsonl``, a table of
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from typing import Any
 
 import datasets
 import numpy as np
@@ -43,13 +46,13 @@ import torch
 
 from lora_dpo.config import DataConfig
 from lora_dpo.data.filters import SkipCounter
-from lora_dpo.data.pairs import PairBatch, PreferencePairs, SkippedRow, collate_pairs
+from lora_dpo.data.pairs import PairBatch, PairDataset, SkippedRow, collate_pairs
 from lora_dpo.data.sources import load_preference_dataset
-from lora_dpo.data.streaming import StreamingPairs, merge_reports
+from lora_dpo.data.streaming import StreamedPairs, merge_reports
 
 __all__ = [
-    "PairBatch", "PairSampler", "PreferencePairs", "SkipCounter", "SkippedRow", "StreamingPairs",
-    "build_dataloader", "collate_pairs", "load_preference_dataset", "merge_reports",
+    "MicroBatches", "PairBatch", "PairSampler", "PairDataset", "SkipCounter", "SkippedRow", "StreamedMicroBatches",
+    "StreamedPairs", "build_dataloader", "collate_pairs", "load_preference_dataset", "merge_reports",
 ]
 
 # Salt of the sampler's random stream (apart from the per-item one, lora_dpo.data.pairs.ITEM_SALT).
@@ -103,17 +106,17 @@ class PairSampler(torch.utils.data.Sampler[int]):
 def build_dataloader(hf_dataset: datasets.Dataset, cfg: DataConfig, batch_size: int, seed: int,
                      num_replicas: int = 1, rank: int = 0, epoch: int = 0,
                      start_batch: int = 0) -> torch.utils.data.DataLoader:
-    """One epoch's DataLoader of :class:`PairBatch` (PreferencePairs + PairSampler, both at ``epoch``), skipping
+    """One epoch's DataLoader of :class:`PairBatch` (PairDataset + PairSampler, both at ``epoch``), skipping
     the first ``start_batch`` micro-batches of this rank (resume). ``drop_last=True``: every micro-batch has
     ``batch_size`` rows before undecodable ones are dropped. Rebuild it for each epoch.
 
     ``hf_dataset`` may also be a ready pairs dataset with ``set_epoch`` and a ``collate`` function (the latent
-    cache's :class:`lora_dpo.data.cache.CachedPairs`): it is then used as it is, with the same sampler.
+    cache's :class:`lora_dpo.data.cache.CachedPairDataset`): it is then used as it is, with the same sampler.
 
     Raises:
         ValueError: this rank's shard holds fewer than ``batch_size`` pairs (the epoch would be empty).
     """
-    pairs = hf_dataset if hasattr(hf_dataset, "collate") else PreferencePairs(hf_dataset, cfg, seed)
+    pairs = hf_dataset if hasattr(hf_dataset, "collate") else PairDataset(hf_dataset, cfg, seed)
     pairs.set_epoch(epoch)
     sampler = PairSampler(len(pairs), seed, num_replicas=num_replicas, rank=rank, shuffle=True)
     if sampler.num_samples < batch_size:
@@ -127,3 +130,79 @@ def build_dataloader(hf_dataset: datasets.Dataset, cfg: DataConfig, batch_size: 
         pairs, batch_size=batch_size, sampler=sampler, collate_fn=getattr(pairs, "collate", collate_pairs),
         num_workers=cfg.num_workers, drop_last=True, persistent_workers=False,
     )
+
+
+class MicroBatches:
+    """Endless micro-batches of a map-style data set for one process, epoch after epoch, with a resumable position:
+    what the training loop draws from (:meth:`next`).
+
+    The data set is a :class:`lora_dpo.data.pairs.PairDataset` source table (or a ready data set with a
+    ``collate``: the latent cache's pairs, KTO's labeled images), read through :func:`build_dataloader`. The position
+    is ``(epoch, batch_in_epoch)``: how many micro-batches of the current epoch were consumed. Rows whose images fail
+    to decode are dropped from their batch and counted (``skipped``); an all-bad batch is skipped whole.
+    """
+
+    def __init__(self, dataset, data_cfg, batch_size: int, seed: int, num_replicas: int, rank: int,
+                 epoch: int = 0, batch_in_epoch: int = 0):
+        self.dataset, self.data_cfg, self.batch_size, self.seed = dataset, data_cfg, batch_size, seed
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.skipped: dict[str, int] = {}
+        self._iter = None
+
+    def _open(self):
+        loader = build_dataloader(
+            self.dataset, self.data_cfg, self.batch_size, self.seed, num_replicas=self.num_replicas,
+            rank=self.rank, epoch=self.epoch, start_batch=self.batch_in_epoch,
+        )
+        self._iter = iter(loader)
+
+    def next(self):
+        """The next micro-batch with at least one usable row."""
+        while True:
+            if self._iter is None:
+                self._open()
+            batch = next(self._iter, None)
+            if batch is None:  # epoch exhausted
+                self.epoch, self.batch_in_epoch, self._iter = self.epoch + 1, 0, None
+                continue
+            self.batch_in_epoch += 1
+            for reason, n in (batch.skipped or {}).items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            if len(batch) > 0:
+                return batch
+
+    def state(self) -> dict[str, Any]:
+        """The position for a checkpoint's ``trainer_state.json``."""
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "skipped_in_training": self.skipped}
+
+
+class StreamedMicroBatches:
+    """:class:`MicroBatches`' interface over a streamed data set (``data.streaming``,
+    :class:`lora_dpo.data.streaming.StreamedPairs`): this process's share, read once per epoch without being stored,
+    with a resumable position (``data_state``: a checkpoint's :meth:`state`, or ``{}``)."""
+
+    def __init__(self, data_cfg, batch_size: int, seed: int, num_replicas: int, rank: int, data_state: dict):
+        self.pairs = StreamedPairs(data_cfg, seed=seed, num_replicas=num_replicas, rank=rank)
+        if "stream" in data_state:
+            self.pairs.load_state_dict(data_state["stream"])
+        self.skipped: dict[str, int] = dict(data_state.get("skipped_in_training", {}))
+        self._batches = self.pairs.batches(batch_size)
+
+    def next(self):
+        """The next micro-batch with at least one usable row."""
+        while True:
+            batch = next(self._batches)
+            for reason, n in (batch.skipped or {}).items():
+                self.skipped[reason] = self.skipped.get(reason, 0) + n
+            if len(batch) > 0:
+                return batch
+
+    @property
+    def epoch(self) -> int:
+        return self.pairs.epoch
+
+    def state(self) -> dict[str, Any]:
+        """The position for a checkpoint's ``trainer_state.json``, the stream's own state included."""
+        return {"epoch": self.pairs.epoch, "batch_in_epoch": None, "stream": self.pairs.state_dict(),
+                "skipped_in_training": self.skipped}

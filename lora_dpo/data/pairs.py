@@ -1,9 +1,9 @@
 """One kept row -> one oriented, cropped example; examples -> a :class:`PairBatch`.
 
-:class:`PreferencePairs` is the map-style dataset over the rows that
+:class:`PairDataset` is the map-style dataset over the rows that
 :func:`lora_dpo.data.sources.load_preference_dataset` kept; :func:`make_example` is its per-pair processing
 (decode, orient, RGB, resize, one crop/flip/caption-dropout draw), shared with
-:class:`lora_dpo.data.streaming.StreamingPairs`; :func:`collate_pairs` stacks examples into a :class:`PairBatch`,
+:class:`lora_dpo.data.streaming.StreamedPairs`; :func:`collate_pairs` stacks examples into a :class:`PairBatch`,
 preferred images first.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +31,13 @@ ITEM_SALT = 0x17E4
 
 @dataclass(frozen=True)
 class SkippedRow:
-    """Marker returned by :meth:`PreferencePairs.__getitem__` for a row that cannot be used."""
+    """Marker returned by :meth:`PairDataset.__getitem__` for a row that cannot be used."""
 
     reason: str
     index: int = -1
 
 
-class PreferencePairs(torch.utils.data.Dataset):
+class PairDataset(torch.utils.data.Dataset):
     """Map-style dataset over kept rows; ``__getitem__(i)`` -> example dict, or :class:`SkippedRow` when the
     row's images fail to decode (never raises for bad image data).
 
@@ -73,7 +73,7 @@ class PreferencePairs(torch.utils.data.Dataset):
 
 def make_example(row: Mapping[str, Any], cfg: DataConfig, seed: int, epoch: int, index: int,
                   base: Path | None = None) -> dict[str, Any] | SkippedRow:
-    """One row -> the example of :class:`PreferencePairs` (its docstring gives the format and the draws), or a
+    """One row -> the example of :class:`PairDataset` (its docstring gives the format and the draws), or a
     :class:`SkippedRow`. ``index`` keys the per-pair draw; ``base`` resolves relative image paths.
 
     An unpaired row (``cfg.unpaired``, :class:`lora_dpo.data.unpaired.LabeledImages`) gives the same keys for its one
@@ -126,45 +126,60 @@ def make_example(row: Mapping[str, Any], cfg: DataConfig, seed: int, epoch: int,
 
 
 @dataclass
-class PairBatch:
-    """A micro-batch of B preference pairs; image-level tensors hold 2B rows, ALL preferred images first.
+class ExampleBatch:
+    """What every micro-batch type carries besides its images or latents (:class:`PairBatch`,
+    :class:`lora_dpo.data.unpaired.ImageBatch`, :class:`lora_dpo.data.cache.CachedBatch`): SDXL's per-image
+    micro-conditioning and the bookkeeping of its examples (pairs or labeled images). Subclasses add their own
+    fields after these; build them with keyword arguments.
 
-    pixel_values: (2B, 3, R, R) float32 in [-1, 1]; rows 0..B-1 are x_w of pairs 0..B-1, rows B..2B-1 are
-        x_l of the same pairs in the same order (so ``chunk(2)`` gives (x_w, x_l)).
-    captions: list[str], length B (one per pair; the text encoder output is repeated for both halves).
-    original_size, crop_top_left, target_size: (2B, 2) long, same row order as pixel_values; target_size is
-        (R, R) everywhere. Together they are SDXL's ``add_time_ids``.
-    indices: list[int], length B, row indices in the hf dataset.
-    draw_seeds: list[int], length B, each pair's seed for :func:`lora_dpo.data.draws.pair_draws` (keyed by
-        (seed, epoch, index), so the same whichever process holds the pair).
-    num_skipped / skipped: rows of this batch dropped (undecodable images), total and by reason.
-    When every row was skipped the batch is empty: num_pairs == 0, pixel_values of shape (0, 3, 0, 0).
+    original_size, crop_top_left, target_size: (images, 2) long, one row per image in the batch's image order;
+        together SDXL's ``add_time_ids`` (Podell et al. 2023, §2.2); target_size is (R, R) everywhere.
+    indices: list[int], one per example: its row index in the data set.
+    draw_seeds: list[int], one per example: its seed for :func:`lora_dpo.data.draws.pair_draws` (keyed by
+        (seed, epoch, index), so the same whichever process holds the example).
+    num_skipped / skipped (keyword-only): examples of this batch dropped (undecodable images), total and by reason.
+        When every example was skipped the batch is empty: ``len(batch) == 0``.
     """
 
-    pixel_values: torch.Tensor
-    captions: list[str]
     original_size: torch.Tensor
     crop_top_left: torch.Tensor
     target_size: torch.Tensor
     indices: list[int]
     draw_seeds: list[int]
+    _: KW_ONLY
     num_skipped: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False):
+        """A copy with every tensor on ``device``, also those in a dict of tensors (a cached batch's text)."""
+        def move(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device, non_blocking=non_blocking)
+            return {k: move(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+        return replace(self, **{f.name: move(getattr(self, f.name)) for f in fields(self)})
+
+
+@dataclass
+class PairBatch(ExampleBatch):
+    """A micro-batch of B preference pairs; image-level tensors hold 2B rows, ALL preferred images first.
+
+    pixel_values: (2B, 3, R, R) float32 in [-1, 1]; rows 0..B-1 are x_w of pairs 0..B-1, rows B..2B-1 are
+        x_l of the same pairs in the same order (so ``chunk(2)`` gives (x_w, x_l)).
+    captions: list[str], length B (one per pair; the text encoder output is repeated for both halves).
+    The fields of :class:`ExampleBatch`: (2B, 2) conditioning rows in pixel_values' order; B indices and seeds.
+    An empty batch has pixel_values of shape (0, 3, 0, 0).
+    """
+
+    pixel_values: torch.Tensor
+    captions: list[str]
 
     @property
     def num_pairs(self) -> int:
         return len(self.captions)
-
-    def __len__(self) -> int:
-        return self.num_pairs
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> PairBatch:
-        """A copy with every tensor on ``device``."""
-        move = {
-            name: getattr(self, name).to(device, non_blocking=non_blocking)
-            for name in ("pixel_values", "original_size", "crop_top_left", "target_size")
-        }
-        return replace(self, **move)
 
 
 def split_skipped(examples: list) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -188,7 +203,8 @@ def collate_pairs(examples: list[dict[str, Any] | SkippedRow]) -> PairBatch:
     good, extra = split_skipped(examples)
     if not good:
         empty = torch.zeros(0, 2, dtype=torch.long)
-        return PairBatch(torch.zeros(0, 3, 0, 0), [], empty, empty.clone(), empty.clone(), [], [], **extra)
+        return PairBatch(pixel_values=torch.zeros(0, 3, 0, 0), captions=[], original_size=empty,
+                         crop_top_left=empty.clone(), target_size=empty.clone(), indices=[], draw_seeds=[], **extra)
 
     pixel_values = preferred_then_rejected(good, "pixel_values")
     res = pixel_values.shape[-1]

@@ -273,7 +273,7 @@ def _map_pair_columns(ds: Any, names: list[str], cfg: DataConfig) -> tuple[Any, 
 
 def undecoded(ds: Any, columns: tuple[str, ...] | list[str]) -> Any:
     """Image-feature columns switched to ``decode=False`` (``{"bytes", "path"}`` dicts): decoding happens in
-    :class:`lora_dpo.data.pairs.PreferencePairs`, where a corrupt image becomes a
+    :class:`lora_dpo.data.pairs.PairDataset`, where a corrupt image becomes a
     :class:`lora_dpo.data.pairs.SkippedRow` instead of an exception."""
     for col in columns:
         feature = ds.features[col] if ds.features is not None else None
@@ -323,7 +323,7 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
     datasets images, or paths: relative paths (and Pick-a-Pic's uids, which name a file once a suffix such as
     ``.jpg`` is appended) are resolved against ``cfg.image_root``, else the data file's folder (or the given
     folder), and returned absolute. Image-feature columns are returned with ``decode=False`` so
-    :class:`lora_dpo.data.pairs.PreferencePairs` decodes them. Hub data needs ``cfg.image_root`` for path columns
+    :class:`lora_dpo.data.pairs.PairDataset` decodes them. Hub data needs ``cfg.image_root`` for path columns
     (``pickapic_v2_no_images``: ``image_columns=[image_0_uid, image_1_uid]``).
 
     Rows are skipped, counted by reason: ``bad_label`` (label not in {0, 0.5, 1}), ``tie`` (0.5),
@@ -346,10 +346,10 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
             hub id cannot be loaded (offline: the message says how to use a local copy).
         ValueError: a required column is missing (names it, the available ones and the DataConfig field),
             ``cfg.drop_ties`` is False (unsupported), ``cfg.streaming`` is True (use
-            :class:`lora_dpo.data.streaming.StreamingPairs`), or no row survives the checks.
+            :class:`lora_dpo.data.streaming.StreamedPairs`), or no row survives the checks.
     """
     if cfg.streaming:
-        raise ValueError("data.streaming=true reads the data as a stream: use lora_dpo.data.loader.StreamingPairs "
+        raise ValueError("data.streaming=true reads the data as a stream: use lora_dpo.data.loader.StreamedPairs "
                          "(load_preference_dataset loads the whole data set); or set data.streaming=false")
     raw, base, scanner = open_checked(cfg, streaming=False)
     admission, kept = Admission(), []

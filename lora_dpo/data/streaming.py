@@ -1,11 +1,11 @@
 """Pairs streamed from a data set that need not fit on disk (``data.streaming``), and the merged report.
 
-:class:`StreamingPairs` opens the source with :func:`lora_dpo.data.sources.open_checked`, runs the load-time checks
+:class:`StreamedPairs` opens the source with :func:`lora_dpo.data.sources.open_checked`, runs the load-time checks
 of :mod:`lora_dpo.data.filters` and the per-pair processing of :func:`lora_dpo.data.pairs.make_example` on the fly, one
 share per process, with a resumable position; :func:`merge_reports` adds up the processes' counts.
 
 Below, :func:`load_preference_dataset` is :func:`lora_dpo.data.sources.load_preference_dataset`,
-:class:`PreferencePairs` is :class:`lora_dpo.data.pairs.PreferencePairs` and :func:`build_dataloader` is
+:class:`PairDataset` is :class:`lora_dpo.data.pairs.PairDataset` and :func:`build_dataloader` is
 :func:`lora_dpo.data.loader.build_dataloader`.
 """
 
@@ -24,7 +24,7 @@ from lora_dpo.data.pairs import PairBatch, SkippedRow, collate_pairs, make_examp
 from lora_dpo.data.sources import open_checked
 
 
-class StreamingPairs:
+class StreamedPairs:
     """Pairs streamed from a data set that need not fit on disk (``data.streaming: true``): this process's
     share, checked, oriented and processed on the fly, with a resumable position.
 
@@ -35,7 +35,7 @@ class StreamingPairs:
     ``split_dataset_by_node`` (whole shards per process when their number is a multiple of ``num_replicas``,
     else every ``num_replicas``-th row): the shares are disjoint. Each row gets the checks of
     :func:`load_preference_dataset` (same reasons; ``duplicate`` among this process's rows of the current
-    epoch), then the processing of :class:`PreferencePairs`: the same example dicts, or :class:`SkippedRow`
+    epoch), then the processing of :class:`PairDataset`: the same example dicts, or :class:`SkippedRow`
     for images that fail to decode. The per-pair draw is keyed by ``index = k * num_replicas + rank`` for this
     process's k-th kept row of the epoch, so with one process and ``shuffle_buffer=0`` the pairs and draws are
     those of the map-style path. ``cfg.max_pairs`` caps each process's kept rows per epoch at
@@ -44,7 +44,7 @@ class StreamingPairs:
 
     What a training loop must call (decoding runs in the calling process; ``data.num_workers`` is not used)::
 
-        stream = StreamingPairs(cfg.data, seed=cfg.train.seed, num_replicas=world, rank=rank)
+        stream = StreamedPairs(cfg.data, seed=cfg.train.seed, num_replicas=world, rank=rank)
         if "stream" in data_state:                        # resuming: the dict saved below
             stream.load_state_dict(data_state["stream"])
         batches = stream.batches(cfg.train.batch_size)    # endless PairBatch iterator, epoch after epoch
@@ -155,7 +155,7 @@ class StreamingPairs:
 
 
 def merge_reports(reports: list[Mapping[str, Any]]) -> dict[str, Any]:
-    """The data report of a streamed run: the sum of the processes' :meth:`StreamingPairs.report` (disjoint
+    """The data report of a streamed run: the sum of the processes' :meth:`StreamedPairs.report` (disjoint
     shares): counts added, ``skipped`` / ``converted`` added by reason, ``complete`` when every one is, and
     ``processes``."""
     merged: dict[str, Any] = {"rows": 0, "scanned": 0, "kept": 0}

@@ -19,7 +19,7 @@ examples into an :class:`ImageBatch`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from typing import Any
 
 import datasets
@@ -27,7 +27,7 @@ import torch
 
 from lora_dpo.config import DataConfig
 from lora_dpo.data.filters import row_images
-from lora_dpo.data.pairs import SkippedRow, make_example, split_skipped
+from lora_dpo.data.pairs import ExampleBatch, SkippedRow, make_example, split_skipped
 from lora_dpo.data.sources import check_columns, undecoded
 
 
@@ -78,35 +78,17 @@ class LabeledImages(torch.utils.data.Dataset):
 
 
 @dataclass
-class ImageBatch:
+class ImageBatch(ExampleBatch):
     """A micro-batch of N labeled images (Diffusion-KTO), each with its own caption, noise and timestep.
 
     pixel_values: (N, 3, R, R) float32 in [-1, 1]. captions: list[str], length N. desirable: (N,) bool.
-    original_size, crop_top_left, target_size: (N, 2) long (SDXL's ``add_time_ids``).
-    indices, draw_seeds: list[int], length N (:class:`LabeledImages` indices and their draw seeds).
-    num_skipped / skipped: images of this batch dropped (undecodable), total and by reason; an all-bad batch is
-    empty (``len(batch) == 0``).
+    The fields of :class:`lora_dpo.data.pairs.ExampleBatch`: (N, 2) conditioning rows; N indices of
+    :class:`LabeledImages` and their draw seeds.
     """
 
     pixel_values: torch.Tensor
     captions: list[str]
     desirable: torch.Tensor
-    original_size: torch.Tensor
-    crop_top_left: torch.Tensor
-    target_size: torch.Tensor
-    indices: list[int]
-    draw_seeds: list[int]
-    num_skipped: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.captions)
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> ImageBatch:
-        """A copy with every tensor on ``device``."""
-        move = {name: getattr(self, name).to(device, non_blocking=non_blocking)
-                for name in ("pixel_values", "desirable", "original_size", "crop_top_left", "target_size")}
-        return replace(self, **move)
 
 
 def collate_images(examples: list[dict[str, Any] | SkippedRow]) -> ImageBatch:
@@ -115,8 +97,9 @@ def collate_images(examples: list[dict[str, Any] | SkippedRow]) -> ImageBatch:
     good, extra = split_skipped(examples)
     if not good:
         empty = torch.zeros(0, 2, dtype=torch.long)
-        return ImageBatch(torch.zeros(0, 3, 0, 0), [], torch.zeros(0, dtype=torch.bool), empty, empty.clone(),
-                          empty.clone(), [], [], **extra)
+        return ImageBatch(pixel_values=torch.zeros(0, 3, 0, 0), captions=[],
+                          desirable=torch.zeros(0, dtype=torch.bool), original_size=empty,
+                          crop_top_left=empty.clone(), target_size=empty.clone(), indices=[], draw_seeds=[], **extra)
     pixel_values = torch.cat([e["pixel_values"] for e in good])
     return ImageBatch(
         pixel_values=pixel_values,

@@ -9,17 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCardData
+from peft.utils import get_peft_model_state_dict
 
 from lora_dpo.models.adapters import ADAPTER_NAME
-
-WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-
-
-def pipeline_class(family: str):
-    """The diffusers pipeline class whose ``save_lora_weights``/``load_lora_weights`` fit the family."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+from lora_dpo.models.families import get_family, pipeline_class
+from lora_dpo.models.lora_files import WEIGHT_NAME
+from lora_dpo.models.pretrained import is_hub_id
 
 
 def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
@@ -32,19 +28,15 @@ def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
     not fall back to alpha = r. The keys are deliberately not passed through ``convert_state_dict_to_diffusers``:
     it renames only the attention projections (``.lora.down.weight``) and leaves other modules in PEFT names, and
     diffusers' loader decides from the first key alone whether to convert, so an adapter on attention and, e.g.,
-    ``proj_in`` would silently lose its attention weights on ``load_lora_weights``.
+    ``proj_in`` would silently lose its attention weights on ``load_lora_weights``. ``family``: the registry name
+    (:mod:`lora_dpo.models.families`), whose pipeline class writes the file.
     """
-    from peft.utils import get_peft_model_state_dict
-
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
     state = get_peft_model_state_dict(unet, state_dict=full_state, adapter_name=ADAPTER_NAME)
     layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
-    pipeline_class(family).save_lora_weights(
-        save_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, weight_name=WEIGHT_NAME,
-        safe_serialization=True,
-    )
+    get_family(family).save_lora_weights(save_dir, layers, metadata, WEIGHT_NAME)
     return save_dir / WEIGHT_NAME
 
 
@@ -53,14 +45,38 @@ def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, f
 
     The VAE, text encoder(s), tokenizer(s), scheduler (and SD1.5's safety checker, if the base has one) are
     re-read from ``model_cfg.pretrained_model_name_or_path`` in fp32, not taken from training, where they may
-    sit in half precision. ``StableDiffusionPipeline.from_pretrained(save_dir)`` (or the SDXL class) opens the
-    result. Returns the path of ``model_index.json``.
+    sit in half precision. The family's pipeline class (``StableDiffusionPipeline.from_pretrained(save_dir)``, or
+    the SDXL class) opens the result. Returns the path of ``model_index.json``.
     """
     cls = pipeline_class(family)
     pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, unet=unet, revision=model_cfg.revision,
                                variant=model_cfg.variant, use_safetensors=True)
     pipe.save_pretrained(save_dir, safe_serialization=True)
     return Path(save_dir) / "model_index.json"
+
+
+def export_policy(policy, run_dir: str | Path, cfg, family: str,
+                  full_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Export a trained :class:`lora_dpo.models.policy.Policy` into ``run_dir``: the small artifact other tools open;
+    returns its path.
+
+    LoRA (``policy.mode == "lora"``): ``pytorch_lora_weights.safetensors`` (:func:`save_lora_adapter`;
+    ``pipe.load_lora_weights(run_dir)``). Full: a complete diffusers pipeline folder (:func:`save_full_pipeline`:
+    ``model_index.json``, ``unet/`` with the tuned fp32 weights, and the base's other components), which
+    ``DiffusionPipeline.from_pretrained(run_dir)`` opens.
+
+    Args:
+        cfg: the recipe (``cfg.model`` names the base whose other components a full pipeline takes).
+        full_state: the UNet's whole state dict as ``Accelerator.get_state_dict`` gathers it (FSDP / DeepSpeed runs),
+            written instead of the module's own weights; None reads the module.
+    """
+    if policy.mode == "lora":
+        return save_lora_adapter(run_dir, policy.unet, family, full_state)
+    unet = policy.unet
+    if full_state is not None:  # a whole fp32 UNet to hand to the pipeline
+        unet = type(policy.unet).from_config(policy.unet.config)
+        unet.load_state_dict({k: v.float() for k, v in full_state.items()}, strict=True)
+    return save_full_pipeline(run_dir, unet, cfg.model, family)
 
 
 # Licenses of the well-known bases; a model derived from them inherits theirs. Anything else: "other".
@@ -77,39 +93,20 @@ def card_front_matter(base: str, family: str, relation: str, datasets: list[str]
 
     Args:
         base: the base model's hub id or folder (``base_model``; the Hub links a hub id to its base).
-        family: ``sd15`` or ``sdxl`` (a tag).
+        family: the base's family (registry name): its tags (``stable-diffusion``, ``stable-diffusion-xl``).
         relation: ``adapter`` (a LoRA), ``merge`` (a LoRA fused into the base) or ``finetune`` (full fine-tune):
             the Hub's ``base_model_relation``.
         datasets: hub ids of the training data (local paths are left out).
     """
-    from huggingface_hub import ModelCardData
-
-    tags = ["text-to-image", "diffusers", "diffusion-dpo", "stable-diffusion-xl" if family == "sdxl" else "stable-diffusion"]
+    tags = ["text-to-image", "diffusers", "diffusion-dpo", *get_family(family).model_card_tags]
     if relation == "adapter":
         tags.insert(2, "lora")
     data = ModelCardData(
         base_model=base, base_model_relation=relation, library_name="diffusers", pipeline_tag="text-to-image",
         license=BASE_LICENSES.get(base, "other"), tags=tags,
-        datasets=[d for d in datasets if _is_hub_id(d)] or None,
+        datasets=[d for d in datasets if is_hub_id(d)] or None,
     )
     return f"---\n{data.to_yaml()}\n---\n"
-
-
-def _is_hub_id(name: str) -> bool:
-    from lora_dpo.models.loading import _HUB_ID
-
-    return bool(_HUB_ID.match(name)) and not Path(name).expanduser().exists()
-
-
-# The method each loss.type trains with, for the model card.
-_METHODS = {
-    "sigmoid": "Diffusion-DPO (Wallace et al., CVPR 2024)",
-    "ipo": "the IPO loss (Azar et al. 2023) on Diffusion-DPO's implicit reward",
-    "hinge": "the hinge loss (Liu et al. 2023) on Diffusion-DPO's implicit reward",
-    "mapo": "MaPO (Hong et al. 2024)",
-    "kto": "Diffusion-KTO (Li et al. 2024)",
-    "sft": "supervised fine-tuning on the preferred images",
-}
 
 
 def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
@@ -134,11 +131,11 @@ def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[
                  "layout, `--format peft` the PEFT layout; `lora-dpo merge` fuses the adapter into a full pipeline "
                  "folder.\n")
     rows = "labeled images" if cfg.data.unpaired else "pairs"
-    unit = "images" if cfg.loss.type == "kto" else "pairs"
+    unit = cfg.loss.unit
     text = card_front_matter(base, family, relation, [cfg.data.dataset]) + f"""
 # {cfg.output.run_name}
 
-{what}, trained with {_METHODS[cfg.loss.type]} by lora-dpo.
+{what}, trained with {cfg.loss.spec.method} by lora-dpo.
 
 - Data: `{cfg.data.dataset}` (split `{cfg.data.split}`), {data_report.get("kept", "?")} {rows} kept of
   {data_report.get("rows", "?")}; skipped: {json.dumps(data_report.get("skipped", {}))}

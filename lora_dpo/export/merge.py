@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo.export.artifacts import card_front_matter, pipeline_class
+from lora_dpo.export.artifacts import card_front_matter
+from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.loading import DTYPES, detect_family, read_model_index, safetensors_only
 from lora_dpo.models.lora_files import check_adapter_fits_model, load_adapter
 

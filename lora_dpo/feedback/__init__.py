@@ -1,0 +1,19 @@
+"""AI feedback: scorers, preference sets sampled and labelled by a scorer, relabelling an existing set, prompts.
+See ARCHITECTURE.md."""
+
+from __future__ import annotations
+
+from lora_dpo.feedback.prefs import build_preference_set
+from lora_dpo.feedback.prompts import digit_caption, digit_of, load_prompts
+from lora_dpo.feedback.relabel import relabel_preference_set
+from lora_dpo.feedback.scorers import Scorer, load_scorer
+
+__all__ = [
+    "Scorer",
+    "build_preference_set",
+    "digit_caption",
+    "digit_of",
+    "load_prompts",
+    "load_scorer",
+    "relabel_preference_set",
+]

@@ -41,7 +41,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 
 def check_lengths(images: list, prompts: list) -> None:
@@ -98,16 +101,12 @@ def _image_processor_class():
     # The PIL backend: the preprocessing of the original CLIP code (PIL bicubic resize, center crop, normalise),
     # the same numbers whether or not torchvision is installed (transformers 5 picks a torchvision backend when it
     # is). transformers < 5 has only this one, under the name CLIPImageProcessor.
-    import transformers
-
     return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 def _vision_tower_class():
     """CLIPVisionModelWithProjection that reads the image tower out of a full CLIPModel checkpoint quietly: the
     text tower's keys are expected there and skipped (never loaded)."""
-    from transformers import CLIPVisionModelWithProjection
-
     class ClipVisionTower(CLIPVisionModelWithProjection):
         _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
 
@@ -140,8 +139,6 @@ class ClipEmbedder:
             ValueError: the folder is not a usable CLIP folder (checked before any weight is read), or its weights
                 do not fit its config (missing or mis-shaped tensors).
         """
-        from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionConfig
-
         folder = Path(folder)
         config = _clip_folder_config(folder, text=text)
         try:
@@ -267,8 +264,6 @@ def save_aesthetic_predictor(directory: str | Path, state_dict: dict[str, torch.
     Raises:
         ValueError: bad layers / dropout, or a state dict that does not fit them.
     """
-    from safetensors.torch import save_file
-
     head = AestheticHead(layers, dropout)
     _load_head_state(head, state_dict, "state_dict")
     directory = Path(directory)
@@ -308,8 +303,6 @@ class AestheticScorer:
             ValueError: not this format, inconsistent sizes, bad backbone folder, weights that do not fit.
             FileNotFoundError: ``aesthetic.safetensors`` is missing.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config = json.loads((directory / AESTHETIC_CONFIG).read_text())
         if config.get("format") != _AESTHETIC_FORMAT:

@@ -27,6 +27,9 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 from lora_dpo.feedback.clip_scorers import (  # noqa: F401  (re-exported: the scorers' public names live here)
     AESTHETIC_CONFIG,
@@ -147,9 +150,6 @@ class DigitClassifierScorer:
             8x8 digits as given), ``test_accuracy_rgb32`` (held-out digits first rendered as 32x32 RGB images with
             :func:`digits_to_images`, then classified through :meth:`predict`), ``seed``, ``split_seed``.
         """
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
         data = load_digits()
         x_tr, x_te, y_tr, y_te = train_test_split(data.data, data.target, test_size=0.2, stratify=data.target,
                                                   random_state=split_seed)
@@ -188,8 +188,6 @@ class DigitClassifierScorer:
     def save(self, directory: str | Path) -> Path:
         """Write ``classifier.safetensors`` (weights) and ``classifier.json`` (architecture, input format,
         held-out accuracy, split seed) into ``directory`` (created). No pickle. Returns the directory."""
-        from safetensors.torch import save_file
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, directory / CLASSIFIER_WEIGHTS)
@@ -203,8 +201,6 @@ class DigitClassifierScorer:
         Raises:
             FileNotFoundError: a file is missing. ValueError: ``classifier.json`` is not this format.
         """
-        from safetensors.torch import load_file
-
         directory = Path(directory)
         config = json.loads((directory / CLASSIFIER_CONFIG).read_text())
         arch = config.get("architecture", {})

@@ -14,6 +14,9 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
+from lora_dpo.models.families import family_for_index
+from lora_dpo.models.pretrained import read_model_index, safetensors_only
+
 
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
@@ -62,22 +65,19 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
 
 def load_pipeline(model: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   revision: str | None = None, variant: str | None = None):
-    """A diffusers SD1.5 or SDXL pipeline (family read from ``model_index.json``) for sampling and scoring.
+    """A diffusers pipeline of the model's family (read from ``model_index.json``: SD1.5, SDXL) for sampling and
+    scoring, with the family's :meth:`~lora_dpo.models.families.base.ModelFamily.pipeline_kwargs`.
 
     SD1.5's safety checker is left out: it blacks out images it flags, which would corrupt any score. The
-    pipeline's progress bar is off. Only safetensors weights are read. Raises :class:`lora_dpo.models.loading.ModelLoadError`
-    for a bad path or id, or pickle-only weights.
+    pipeline's progress bar is off. Only safetensors weights are read. Raises :class:`lora_dpo.errors.ModelLoadError`
+    for a bad path or id, an unsupported pipeline, or pickle-only weights.
     """
-    from lora_dpo.export.artifacts import pipeline_class
-    from lora_dpo.models.loading import detect_family, read_model_index, safetensors_only
-
-    family = detect_family(read_model_index(str(model), revision))
+    family = family_for_index(read_model_index(str(model), revision))
     kwargs: dict = dict(revision=revision, variant=variant, use_safetensors=True)
     if dtype != torch.float32:
         kwargs["torch_dtype"] = dtype
-    if family == "sd15":
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    kwargs.update(family.pipeline_kwargs())
     with safetensors_only(str(model)):
-        pipe = pipeline_class(family).from_pretrained(str(model), **kwargs).to(device)
+        pipe = family.pipeline_class.from_pretrained(str(model), **kwargs).to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -6,8 +6,8 @@ LoRA B = 0), which :func:`add_lora` guarantees.
 
 Training on top of an existing LoRA (``lora.init_from``, :func:`add_lora_from`) loads it twice: as the trainable
 ``default`` adapter (the policy starts from it) and as a frozen second adapter ``reference``; the reference pass
-switches to that adapter (:func:`adapter_active`). DESIGN.md §2: "reference = adapters disabled" would be the base
-model, not the LoRA the run starts from. Two adapters cost a few MB; merging the LoRA into the base instead would
+switches to that adapter (:func:`adapter_active`): "reference = adapters disabled" would be the base model, not the
+LoRA the run starts from. Two adapters cost a few MB; merging the LoRA into the base instead would
 make the exported adapter a delta that only fits the merged weights, while this way it loads onto the base model
 like the LoRA it came from.
 """
@@ -20,6 +20,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from lora_dpo.models.families import get_family
+from lora_dpo.models.lora_files import check_adapter_fits, resolve_lora_file
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +34,6 @@ REFERENCE_ADAPTER = "reference"
 
 
 def _lora_layers(unet: torch.nn.Module) -> list:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
@@ -44,8 +48,6 @@ def add_lora(unet: torch.nn.Module, lora_cfg) -> list[torch.nn.Parameter]:
     Raises:
         ValueError: no module of the UNet matches ``lora.target_modules``.
     """
-    from peft import LoraConfig
-
     unet.requires_grad_(False)
     config = LoraConfig(
         r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, target_modules=list(lora_cfg.target_modules),
@@ -78,21 +80,18 @@ def add_lora_from(unet: torch.nn.Module, path, family: str) -> list[torch.nn.Par
     Args:
         unet: a diffusers ``UNet2DConditionModel`` without adapters.
         path: the LoRA (file or folder; safetensors only, see :func:`lora_dpo.models.lora_files.resolve_lora_file`).
-        family: ``sd15`` or ``sdxl`` (the pipeline class whose reader converts kohya keys).
+        family: the registry name of the UNet's family (:mod:`lora_dpo.models.families`), whose pipeline reader
+            converts kohya keys.
     Returns:
         The trainable parameters (the ``default`` adapter's A and B matrices), fp32.
     Raises:
         AdapterMismatchError: the LoRA was made for another model. UnsafeFileError: not a safetensors file.
         ValueError: the LoRA has dropout (it would make policy and reference differ at step 0).
     """
-    from lora_dpo.export.artifacts import pipeline_class
-    from lora_dpo.models.lora_files import check_adapter_fits, resolve_lora_file
-
     file = resolve_lora_file(path)
     check_adapter_fits(file, unet, family)
-    state, alphas, metadata = pipeline_class(family).lora_state_dict(
-        str(file.parent), weight_name=file.name, unet_config=unet.config, use_safetensors=True,
-        return_lora_metadata=True,
+    state, alphas, metadata = get_family(family).lora_state_dict(
+        str(file.parent), unet.config, weight_name=file.name, use_safetensors=True, return_lora_metadata=True,
     )
     if any(k.startswith("text_encoder") for k in state):
         log.warning("%s also holds text-encoder LoRA weights: lora-dpo trains the UNet only, so policy and reference "
@@ -168,8 +167,6 @@ def adapters_disabled(unet: torch.nn.Module) -> Iterator[torch.nn.Module]:
 def lora_state_dict(unet: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The adapter's weights in PEFT naming (``...to_q.lora_A.weight``), detached, on the CPU; taken from
     ``state_dict`` (the UNet's whole state, e.g. gathered from FSDP shards) when given, else from ``unet``."""
-    from peft.utils import get_peft_model_state_dict
-
     state = get_peft_model_state_dict(unet, state_dict=state_dict, adapter_name=ADAPTER_NAME)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
@@ -180,8 +177,6 @@ def load_lora_state_dict(unet: torch.nn.Module, state: dict[str, torch.Tensor]) 
     Raises:
         ValueError: keys missing or unexpected (the checkpoint was made with another ``lora`` section).
     """
-    from peft.utils import set_peft_model_state_dict
-
     result = set_peft_model_state_dict(unet, state, adapter_name=ADAPTER_NAME)
     unexpected = list(getattr(result, "unexpected_keys", []) or [])
     missing = [k for k in (getattr(result, "missing_keys", []) or [])  # the frozen reference LoRA is not saved

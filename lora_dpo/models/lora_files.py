@@ -14,10 +14,15 @@ import struct
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils import convert_unet_state_dict_to_peft
+from safetensors import safe_open
 
 from lora_dpo.errors import AdapterMismatchError, UnsafeFileError
-from lora_dpo.export.artifacts import WEIGHT_NAME, pipeline_class
+from lora_dpo.models.families import family_for_index, family_of_pipeline, get_family
+from lora_dpo.models.pretrained import read_model_index
 
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file: what lora-dpo writes and reads first
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Width of the text embeddings the UNet's cross-attention reads: tells the model families apart.
@@ -25,8 +30,6 @@ CROSS_ATTENTION_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 # How a LoRA file names its down (A) and up (B) matrices, in the layouts diffusers reads back.
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight", ".lora_linear_layer.up.weight")
-
-
 
 
 def _unsafe_message(path: Path) -> str:
@@ -88,8 +91,6 @@ def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
 
     Raises: see :func:`resolve_lora_file`.
     """
-    from safetensors import safe_open
-
     file = resolve_lora_file(path)
     with safe_open(str(file), framework="pt", device="cpu") as fh:
         metadata = dict(fh.metadata() or {})
@@ -113,12 +114,10 @@ def unet_lora_shapes(path: str | Path, family: str, unet_config) -> dict[str, tu
 
     Kohya / A1111 / ComfyUI key layouts (SD1.5 diffusers-style and SDXL ``input_blocks`` names) are converted by
     diffusers' own reader (``lora_state_dict``), the one ``pipe.load_lora_weights`` uses. Text-encoder keys are left
-    out. Raises: see :func:`resolve_lora_file`.
+    out. ``family``: a registry name (:mod:`lora_dpo.models.families`). Raises: see :func:`resolve_lora_file`.
     """
-    from diffusers.utils import convert_unet_state_dict_to_peft
-
     state, _ = read_lora_file(path)
-    converted = pipeline_class(family).lora_state_dict(state, unet_config=unet_config)[0]
+    converted = get_family(family).lora_state_dict(state, unet_config)[0]
     unet = {k.removeprefix("unet.").removeprefix("base_model.model."): v for k, v in converted.items()
             if not k.startswith("text_encoder")}
     shapes: dict[str, list] = {}
@@ -140,7 +139,8 @@ def check_adapter_fits(path: str | Path, unet: torch.nn.Module, family: str) -> 
     Args:
         path: the adapter (file or folder, any layout ``pipe.load_lora_weights`` reads).
         unet: the diffusers ``UNet2DConditionModel`` it is about to go into.
-        family: ``sd15`` or ``sdxl`` (the pipeline class whose reader converts the keys).
+        family: the registry name of the model's family (:mod:`lora_dpo.models.families`), whose pipeline reader
+            converts the keys.
     Returns:
         The number of UNet modules the adapter targets.
     Raises:
@@ -189,9 +189,7 @@ def load_adapter(pipe, path: str | Path, adapter_name: str) -> Path:
 
     Returns the file read. Raises: see :func:`check_adapter_fits`.
     """
-    from lora_dpo.models.loading import detect_family
-
-    family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else detect_family(dict(pipe.config))
+    family = family_of_pipeline(pipe).name
     file = resolve_lora_file(path)
     check_adapter_fits(file, pipe.unet, family)
     pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter_name, use_safetensors=True)
@@ -203,13 +201,9 @@ def check_adapter_fits_model(path: str | Path, model: str, revision: str | None 
 
     The UNet is built from its ``unet/config.json`` on the meta device (no memory, no weights), so a mismatched or
     unsafe adapter fails in a second. Returns the adapter's safetensors file. Raises: see :func:`check_adapter_fits`
-    and :func:`lora_dpo.models.loading.read_model_index`.
+    and :func:`lora_dpo.models.pretrained.read_model_index`.
     """
-    from diffusers import UNet2DConditionModel
-
-    from lora_dpo.models.loading import detect_family, read_model_index
-
-    family = detect_family(read_model_index(str(model), revision))
+    family = family_for_index(read_model_index(str(model), revision)).name
     file = resolve_lora_file(path)
     config = UNet2DConditionModel.load_config(str(model), subfolder="unet", revision=revision)
     with torch.device("meta"):

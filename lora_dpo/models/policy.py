@@ -10,18 +10,22 @@
   Diffusion-DPO code (Wallace et al. 2023, §5; ``ref_unet``).
 
 Everything else (data, loss, metrics, checkpoints, resume) is shared; the training loop only asks a
-:class:`Policy` for its parameters, its reference, its trainable state and its export.
+:class:`Policy` for its parameters, its reference and its trainable state;
+:func:`lora_dpo.export.artifacts.export_policy` writes what it exports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import cpu_offload
 
 from lora_dpo.models.adapters import (
     REFERENCE_ADAPTER,
@@ -32,7 +36,8 @@ from lora_dpo.models.adapters import (
     load_lora_state_dict,
     lora_state_dict,
 )
-from lora_dpo.models.loading import DTYPES
+from lora_dpo.models.lora_files import resolve_lora_file
+from lora_dpo.models.pretrained import DTYPES
 
 log = logging.getLogger(__name__)
 
@@ -132,26 +137,20 @@ class Policy:
                 "with train.mode=lora? Resume with the recipe.yaml saved in the run folder"
             ) from exc
 
-    def export(self, run_dir: str | Path, cfg, family: str, full_state: dict[str, torch.Tensor] | None = None) -> Path:
-        """The small artifact other tools open, written into ``run_dir``; returns its path.
-
-        LoRA: ``pytorch_lora_weights.safetensors`` (``pipe.load_lora_weights(run_dir)``). Full: a complete
-        diffusers pipeline folder (``model_index.json``, ``unet/`` with the tuned fp32 weights, and the base's
-        other components), which ``DiffusionPipeline.from_pretrained(run_dir)`` opens. ``full_state``: as in
-        :meth:`trainable_state_dict` (FSDP / DeepSpeed runs), written instead of the module's own weights.
-        """
-        from lora_dpo.export.artifacts import save_full_pipeline, save_lora_adapter
-
-        if self.mode == "lora":
-            return save_lora_adapter(run_dir, self.unet, family, full_state)
-        unet = self.unet
-        if full_state is not None:  # a whole fp32 UNet to hand to the pipeline
-            unet = type(self.unet).from_config(self.unet.config)
-            unet.load_state_dict({k: v.float() for k, v in full_state.items()}, strict=True)
-        return save_full_pipeline(run_dir, unet, cfg.model, family)
-
 
 REFERENCE_LORA_FILE = "reference_lora.safetensors"
+
+
+def starting_lora(cfg) -> Path | None:
+    """The recipe's starting LoRA, resolved once for every reader: ``lora.init_from`` (LoRA mode only) as its
+    safetensors file (a file, or the adapter file of a folder); None when the run starts from a fresh adapter.
+
+    Raises:
+        UnsafeFileError / FileNotFoundError: see :func:`lora_dpo.models.lora_files.resolve_lora_file`.
+    """
+    if cfg.train.mode != "lora" or not cfg.lora.init_from:
+        return None
+    return resolve_lora_file(cfg.lora.init_from)
 
 
 def run_reference_lora(cfg, run_dir: str | Path, fresh: bool, write: bool) -> Path | None:
@@ -164,21 +163,16 @@ def run_reference_lora(cfg, run_dir: str | Path, fresh: bool, write: bool) -> Pa
     Raises:
         UnsafeFileError / FileNotFoundError: see :func:`lora_dpo.models.lora_files.resolve_lora_file`.
     """
-    import hashlib
-    import shutil
-
-    from lora_dpo.models.lora_files import resolve_lora_file
-
     if cfg.train.mode != "lora" or not cfg.lora.init_from:
         return None
     copy = Path(run_dir) / REFERENCE_LORA_FILE
     if fresh or not copy.is_file():
-        source = resolve_lora_file(cfg.lora.init_from)
+        source = starting_lora(cfg)
         if write:
             shutil.copyfile(source, copy)
         return copy if write or copy.is_file() else source
     try:
-        source = resolve_lora_file(cfg.lora.init_from)
+        source = starting_lora(cfg)
     except (FileNotFoundError, ValueError):
         return copy
     digest = [hashlib.sha256(p.read_bytes()).hexdigest() for p in (source, copy)]
@@ -197,7 +191,8 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family:
         unet: the base UNet as loaded (full mode needs it in fp32: pass ``unet_dtype=torch.float32`` to
             :func:`lora_dpo.models.loading.load_components`; otherwise the master weights would start from rounded ones).
         device: where the reference runs.
-        family: ``sd15`` or ``sdxl`` (reads the keys of a starting LoRA).
+        family: the registry name of the UNet's family (:mod:`lora_dpo.models.families`; reads the keys of a
+            starting LoRA).
         init_lora: the LoRA to start from and compare against; default ``cfg.lora.init_from`` (training passes the
             run folder's copy, so a resumed run keeps the reference it started with).
         precomputed_reference: the reference errors come from a latent cache (:mod:`lora_dpo.data.cache`): full mode
@@ -209,7 +204,7 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family:
     """
     frozen, autocast, reference_adapter = None, None, None
     unet.train()  # before any frozen copy, which keeps this mode
-    init_lora = init_lora or (cfg.lora.init_from if cfg.train.mode == "lora" else None)
+    init_lora = init_lora or starting_lora(cfg)
     if init_lora:
         params = add_lora_from(unet, init_lora, family)
         reference_adapter = REFERENCE_ADAPTER
@@ -226,8 +221,6 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family:
             if ref_dtype not in (compute_dtype, torch.float32):  # an fp32 copy runs under the policy's autocast
                 autocast = (torch.device(device).type, ref_dtype)
             if cfg.reference.offload:  # on a CPU-only machine the hooks change nothing but are exercised
-                from accelerate import cpu_offload
-
                 cpu_offload(frozen, execution_device=torch.device(device))
             log.info("reference: frozen copy of the UNet in %s%s", ref_dtype,
                      ", offloaded to CPU memory" if cfg.reference.offload else "")

@@ -9,9 +9,9 @@
   arXiv 2511.03317) describes and guards against (``loss.sdpo_mu``). :class:`BothErrorsRising` warns once. Under
   Diffusion-KTO the same holds for its desirable and undesirable images (``rewards/chosen`` and ``rewards/rejected``
   in TRL's KTO names).
-- **Means over some examples** (:func:`masked_sums`, :func:`ratio_means`): a per-step mean over part of the batch
-  (a timestep bucket, KTO's images of one label) travels as a sum and a count, so it adds up over micro-batches and
-  processes before one division.
+- **Means over some examples** (:func:`lora_dpo.losses.masked_sums`, :func:`ratio_means`): a per-step mean over part
+  of the batch (a timestep bucket, KTO's images of one label) travels as a sum and a count, so it adds up over
+  micro-batches and processes before one division.
 """
 
 from __future__ import annotations
@@ -20,27 +20,14 @@ from collections import deque
 
 import torch
 
+from lora_dpo.losses import COUNT, SUM, masked_sums
+
 BUCKETS = 4
 
 
-SUM, COUNT = ":sum", ":count"
-
-
-def masked_sums(name: str, values: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """A metric that is a mean over some of a micro-batch's examples, as a sum and a count to add up over a step and
-    across processes: ``{f"{name}:sum": (), f"{name}:count": ()}`` (0-dim float32). :func:`ratio_means` turns the
-    step's totals back into ``name``.
-
-    Args:
-        values: ``(N,)``. mask: ``(N,)`` bool, the examples the mean is over.
-    """
-    mask = mask.bool()
-    return {name + SUM: values.detach().float()[mask].sum(), name + COUNT: mask.float().sum()}
-
-
 def ratio_means(totals: dict[str, float]) -> dict[str, float]:
-    """``totals`` with each ``name:sum`` / ``name:count`` pair of :func:`masked_sums` replaced by ``name`` = sum / count
-    (left out when no example counted). Any common scale of the two (the loop's division by the example count)
+    """``totals`` with each ``name:sum`` / ``name:count`` pair of :func:`lora_dpo.losses.masked_sums` replaced by
+    ``name`` = sum / count (left out when no example counted). Any common scale of the two (the loop's division by the example count)
     cancels."""
     out = {k: v for k, v in totals.items() if not k.endswith((SUM, COUNT))}
     for key, total in totals.items():
@@ -50,6 +37,27 @@ def ratio_means(totals: dict[str, float]) -> dict[str, float]:
             if count:
                 out[name] = total / count
     return out
+
+
+def step_means(sums: dict[str, torch.Tensor], examples: int, accelerator) -> tuple[dict[str, float], float]:
+    """A step's metrics as means over every example (pair, or image) of the step, across processes, and the number
+    of examples; the means over some of them (sums and counts, :func:`lora_dpo.losses.masked_sums`) as their ratios.
+
+    Args:
+        sums: each metric summed over this process's examples of the step (0-dim tensors). Every process must hold
+            the same names in the same order (KTO's label-wise sums are always there).
+        examples: this process's examples.
+        accelerator: reduces the sums across processes (``reduce(t, "sum")``).
+    Returns:
+        ``(means, total examples)``; under KTO (no ``rewards/margins`` of its own) the margin is
+        ``rewards/chosen - rewards/rejected``.
+    """
+    counted = torch.tensor(float(examples), device=accelerator.device)
+    totals = accelerator.reduce(torch.stack([*sums.values(), counted]), "sum")
+    final = ratio_means({name: (totals[i] / totals[-1]).item() for i, name in enumerate(sums)})
+    if "rewards/margins" not in final and {"rewards/chosen", "rewards/rejected"} <= set(final):  # KTO
+        final["rewards/margins"] = final["rewards/chosen"] - final["rewards/rejected"]
+    return final, totals[-1].item()
 
 
 def timestep_bucket_sums(margins: torch.Tensor, timesteps: torch.Tensor, num_train_timesteps: int,

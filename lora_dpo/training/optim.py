@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import torch
+from diffusers.optimization import get_scheduler
+from transformers.optimization import Adafactor
 
 
 def _import_bitsandbytes():
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes as bnb  # optional: bitsandbytes (adamw8bit only)
     except Exception as exc:  # ImportError, or a broken native library
         raise ImportError(
             f"optim.name=adamw8bit needs bitsandbytes ({exc}); `pip install bitsandbytes` or use optim.name=adamw"
@@ -38,8 +40,6 @@ def build_optimizer(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(params, **kw)
     if optim_cfg.name == "adafactor":
-        from transformers.optimization import Adafactor
-
         return Adafactor(params, lr=optim_cfg.lr, weight_decay=optim_cfg.weight_decay, clip_threshold=1.0,
                          scale_parameter=False, relative_step=False, warmup_init=False)
     return _import_bitsandbytes().optim.AdamW8bit(params, **kw)
@@ -47,8 +47,6 @@ def build_optimizer(params: list[torch.nn.Parameter], optim_cfg) -> torch.optim.
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int):
     """A per-optimizer-step schedule from diffusers' ``get_scheduler`` (warmup then constant/linear/cosine)."""
-    from diffusers.optimization import get_scheduler
-
     return get_scheduler(
         optim_cfg.lr_scheduler, optimizer, num_warmup_steps=optim_cfg.lr_warmup_steps, num_training_steps=max_steps,
     )

@@ -32,6 +32,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.optimization import get_scheduler
+from sklearn.datasets import load_digits
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel
+
+from lora_dpo.feedback.prefs import build_preference_set
+from lora_dpo.feedback.prompts import digit_caption
+from lora_dpo.feedback.scorers import DigitClassifierScorer, digits_to_images
+from lora_dpo.inference.sampling import generate_images
+from lora_dpo.models.tiny import build_tokenizer, text_config
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +90,6 @@ class WorldConfig:
 
 def digit_dataset(resolution: int = 32) -> tuple[torch.Tensor, np.ndarray]:
     """The 1,797 sklearn digits as images ``(N, 3, R, R)`` float32 in [-1, 1] (white ink on black) and labels ``(N,)``."""
-    from sklearn.datasets import load_digits
-
-    from lora_dpo.feedback.scorers import digits_to_images
-
     digits = load_digits()
     images = digits_to_images(digits.images, size=resolution)
     array = np.stack([np.asarray(im) for im in images])  # (N, R, R, 3) uint8
@@ -86,9 +99,6 @@ def digit_dataset(resolution: int = 32) -> tuple[torch.Tensor, np.ndarray]:
 def train_vae(images: torch.Tensor, cfg: WorldConfig):
     """Train a small ``AutoencoderKL`` (reconstruction MSE + ``vae_kl_weight``·KL); set its scaling factor so the
     latents have unit standard deviation, as SD does. Returns ``(vae, report)``."""
-    from diffusers import AutoencoderKL
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
@@ -124,8 +134,6 @@ def _text_embeddings(tokenizer, text_encoder, captions: list[str]) -> torch.Tens
 
 
 def _assemble(vae, text_encoder, tokenizer, unet, num_train_timesteps: int = 1000):
-    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
-
     scheduler = DPMSolverMultistepScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=num_train_timesteps,
         prediction_type="epsilon", steps_offset=1,
@@ -139,9 +147,6 @@ def _assemble(vae, text_encoder, tokenizer, unet, num_train_timesteps: int = 100
 def sample_accuracy(pipe, scorer, seeds_per_prompt: int, cfg: WorldConfig,
                     seed_offset: int = BASE_EVAL_SEED_OFFSET) -> float:
     """Fraction of the pipeline's samples (10 digit prompts × seeds) that the classifier reads as the prompted digit."""
-    from lora_dpo.feedback.prompts import digit_caption
-    from lora_dpo.inference.sampling import generate_images
-
     prompts = [digit_caption(d) for d in range(10) for _ in range(seeds_per_prompt)]
     seeds = [seed_offset + i % seeds_per_prompt for i in range(len(prompts))]
     images = generate_images(pipe, prompts, seeds, num_inference_steps=cfg.sample_steps,
@@ -159,10 +164,6 @@ def train_unet(latent_mean, latent_std, labels, text_embeds, cfg: WorldConfig, e
     Returns:
         ``(unet, report)`` with the loss curve (mean per 100 steps) and the accuracies seen during training.
     """
-    from diffusers import DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
-
     torch.manual_seed(cfg.seed)
     c1, c2 = cfg.unet_block_out_channels
     unet = UNet2DConditionModel(
@@ -214,75 +215,96 @@ def _folder_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
+def _lap(times: dict[str, float], name: str, t0: float) -> None:
+    """Record the seconds since ``t0`` (one decimal) as stage ``name``."""
+    times[name] = round(time.perf_counter() - t0, 1)
+
+
+def _text_encoder(cfg: WorldConfig):
+    """A freshly initialised (seed ``cfg.seed``) frozen CLIP text encoder and its tokenizer, as in SD the text
+    encoder is not trained. Returns ``(tokenizer, text_encoder, text_embeds)``; ``text_embeds`` ``(11, L, D)``:
+    the ten digit captions, then the empty caption."""
+    torch.manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    text_encoder = CLIPTextModel(text_config(len(tokenizer))).eval().requires_grad_(False)  # frozen, as in SD
+    captions = [digit_caption(d) for d in range(10)] + [""]
+    return tokenizer, text_encoder, _text_embeddings(tokenizer, text_encoder, captions)
+
+
+def _latent_posterior(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of ``images`` ``(N, 3, R, R)``, times the scaling factor: ``(mean, std)``, each
+    ``(N, 4, R/4, R/4)``."""
+    with torch.no_grad():
+        posterior = [vae.encode(chunk).latent_dist for chunk in images.split(256)]
+    scale = vae.config.scaling_factor
+    return torch.cat([p.mean for p in posterior]) * scale, torch.cat([p.std for p in posterior]) * scale
+
+
+def _preference_sets(pipe, scorer, folder: Path, cfg: WorldConfig) -> dict[str, dict]:
+    """The training and held-out preference sets (disjoint seeds) as ``folder/prefs/{train,heldout}.parquet``;
+    returns their reports, ``out`` relative to the world folder."""
+    reports = {}
+    prompts = [digit_caption(d) for d in range(10)]
+    for split, pairs, offset in (("train", cfg.train_pairs_per_prompt, TRAIN_SEED_OFFSET),
+                                 ("heldout", cfg.heldout_pairs_per_prompt, HELDOUT_SEED_OFFSET)):
+        reports[split] = build_preference_set(
+            pipe, scorer, prompts, pairs, folder / "prefs" / f"{split}.parquet", seed_offset=offset,
+            num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, batch_size=200,
+        )
+        reports[split]["out"] = f"prefs/{split}.parquet"  # relative to the world folder
+    return reports
+
+
+def _move_into_place(tmp: Path, out: Path, report: dict) -> None:
+    """Add the folders' sizes to ``report``, write it as ``world.json`` and replace ``out`` by ``tmp``."""
+    report["size_mb"] = {p.name: round(_folder_mb(p), 2) for p in tmp.iterdir() if p.is_dir()}
+    (tmp / "world.json").write_text(json.dumps(report, indent=2, default=str))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
 def build_world(out_dir: str | Path = WORLD_DIR, cfg: WorldConfig | None = None, *, with_prefs: bool = True) -> dict:
     """Build the whole world into ``out_dir`` (replaced): scorer, VAE, UNet, pipeline, preference sets, world.json.
 
     Cost on a 2-core CPU with the defaults: see ``world.json`` (``stage_times_s``) and the README.
     """
-    from transformers import CLIPTextModel
-
-    from lora_dpo.feedback.prefs import build_preference_set
-    from lora_dpo.feedback.prompts import digit_caption
-    from lora_dpo.feedback.scorers import DigitClassifierScorer
-    from lora_dpo.models.tiny import build_tokenizer, text_config
-
     cfg = cfg or WorldConfig()
     out = Path(out_dir)
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     times: dict[str, float] = {}
-    started = time.perf_counter()
-
-    def lap(name: str, t0: float) -> None:
-        times[name] = round(time.perf_counter() - t0, 1)
-
-    t0 = time.perf_counter()
+    started = t0 = time.perf_counter()
     scorer, scorer_report = DigitClassifierScorer.train(seed=cfg.seed)
     scorer.save(tmp / "scorer")
-    lap("scorer", t0)
+    _lap(times, "scorer", t0)
 
     images, labels = digit_dataset(cfg.resolution)
     t0 = time.perf_counter()
     vae, vae_report = train_vae(images, cfg)
-    lap("vae", t0)
+    _lap(times, "vae", t0)
 
-    torch.manual_seed(cfg.seed)
-    tokenizer = build_tokenizer()
-    text_encoder = CLIPTextModel(text_config(len(tokenizer))).eval().requires_grad_(False)  # frozen, as in SD
-    captions = [digit_caption(d) for d in range(10)] + [""]
-    text_embeds = _text_embeddings(tokenizer, text_encoder, captions)
-    with torch.no_grad():
-        posterior = [vae.encode(chunk).latent_dist for chunk in images.split(256)]
-    scale = vae.config.scaling_factor
-    latent_mean = torch.cat([p.mean for p in posterior]) * scale
-    latent_std = torch.cat([p.std for p in posterior]) * scale
+    tokenizer, text_encoder, text_embeds = _text_encoder(cfg)
+    latent_mean, latent_std = _latent_posterior(vae, images)
 
     def evaluate(unet) -> float:
         return sample_accuracy(_assemble(vae, text_encoder, tokenizer, unet), scorer, cfg.eval_seeds_per_prompt, cfg)
 
     t0 = time.perf_counter()
     unet, unet_report = train_unet(latent_mean, latent_std, labels, text_embeds, cfg, evaluate)
-    lap("unet", t0)
+    _lap(times, "unet", t0)
 
     pipe = _assemble(vae, text_encoder, tokenizer, unet)
     pipe.save_pretrained(tmp / "pipeline", safe_serialization=True)
     t0 = time.perf_counter()
     final_accuracy = sample_accuracy(pipe, scorer, cfg.final_eval_seeds_per_prompt, cfg)
-    lap("final_eval", t0)
+    _lap(times, "final_eval", t0)
 
     prefs_report = {}
     if with_prefs:
         t0 = time.perf_counter()
-        prompts = [digit_caption(d) for d in range(10)]
-        for split, pairs, offset in (("train", cfg.train_pairs_per_prompt, TRAIN_SEED_OFFSET),
-                                     ("heldout", cfg.heldout_pairs_per_prompt, HELDOUT_SEED_OFFSET)):
-            prefs_report[split] = build_preference_set(
-                pipe, scorer, prompts, pairs, tmp / "prefs" / f"{split}.parquet", seed_offset=offset,
-                num_inference_steps=cfg.sample_steps, guidance_scale=cfg.guidance_scale, batch_size=200,
-            )
-            prefs_report[split]["out"] = f"prefs/{split}.parquet"  # relative to the world folder
-        lap("prefs", t0)
+        prefs_report = _preference_sets(pipe, scorer, tmp, cfg)
+        _lap(times, "prefs", t0)
     times["total"] = round(time.perf_counter() - started, 1)
     cfg.stage_times_s = times
     report: dict[str, Any] = {
@@ -292,9 +314,6 @@ def build_world(out_dir: str | Path = WORLD_DIR, cfg: WorldConfig | None = None,
                                           "steps": cfg.sample_steps, "guidance_scale": cfg.guidance_scale},
         "prefs": prefs_report,
     }
-    report["size_mb"] = {p.name: round(_folder_mb(p), 2) for p in tmp.iterdir() if p.is_dir()}
-    (tmp / "world.json").write_text(json.dumps(report, indent=2, default=str))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    _move_into_place(tmp, out, report)
     log.info("world built in %s: base accuracy %.3f, %s", out, final_accuracy, times)
     return report

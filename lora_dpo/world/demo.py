@@ -1,7 +1,7 @@
 """The offline demo, and a small real-photo preference set for tests.
 
 ``lora-dpo demo`` trains ``recipes/digits/lora_dpo.yaml`` on the committed digits world (``worlds/digits``: a small
-real text-to-image model, its digit-classifier scorer and AI-feedback preference pairs; see ``lora_dpo/world.py``)
+real text-to-image model, its digit-classifier scorer and AI-feedback preference pairs; see :mod:`lora_dpo.world.build`)
 and evaluates the result against the base model (``lora-dpo eval``): win rate, classifier accuracy, diversity,
 implicit-reward accuracy, a side-by-side grid and the training curves.
 
@@ -19,7 +19,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import skimage.data
+import sklearn.datasets
+from accelerate.state import AcceleratorState, PartialState
 from PIL import Image, ImageFilter
+
+from lora_dpo.config import load_config
+from lora_dpo.evaluation.run import evaluate_run
+from lora_dpo.feedback.prompts import load_prompts
+from lora_dpo.training.recipe import train
+from lora_dpo.world.build import WORLD_DIR
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +49,7 @@ PHOTOS = [
 
 def _photo_path(name: str) -> Path:
     if name.startswith("sklearn:"):
-        import sklearn.datasets
-
         return Path(sklearn.datasets.__file__).parent / "images" / name.split(":", 1)[1]
-    import skimage.data
-
     return Path(skimage.data.__file__).parent / name
 
 
@@ -72,9 +79,6 @@ def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 6
         size: side of the stored JPEGs in pixels (the recipe's ``data.resolution`` may be smaller).
         tie_rate: fraction of pairs stored as ties (``label_0 = 0.5``), which training drops.
     """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": []}
     for name, caption in PHOTOS:
@@ -109,14 +113,6 @@ def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] 
     Raises:
         FileNotFoundError: the digits world is missing (rebuild it with ``lora-dpo world build``).
     """
-    from accelerate.state import AcceleratorState, PartialState
-
-    from lora_dpo.config import load_config
-    from lora_dpo.evaluation.run import evaluate_run
-    from lora_dpo.feedback.prompts import load_prompts
-    from lora_dpo.training.recipe import train
-    from lora_dpo.world.build import WORLD_DIR
-
     if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
         raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
     cfg = load_config(recipe, [f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",

@@ -16,13 +16,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
+import compel
+import diffusers
 import torch
+from compel import Compel
 from PIL.PngImagePlugin import PngInfo
+from tqdm.auto import tqdm
 
 from lora_dpo.inference import sampling
 from lora_dpo.inference.grids import make_grid
-from lora_dpo.models.loading import DTYPES, detect_family, read_model_index
+from lora_dpo.models.families import family_for_index, family_of_pipeline
 from lora_dpo.models.lora_files import check_adapter_fits_model, load_adapter
+from lora_dpo.models.pretrained import DTYPES, read_model_index
 
 _DPM = dict(algorithm_type="dpmsolver++", solver_order=2)
 # name -> (diffusers class, from_config overrides, AUTOMATIC1111 sampler name)
@@ -52,8 +57,6 @@ def check_scheduler_name(name: str) -> None:
 def make_scheduler(name: str, config):
     """``<Class>.from_config(config, **overrides)`` for a name of :data:`SCHEDULERS`; ``config``:
     ``pipe.scheduler.config`` (the model's noise schedule). Raises ValueError for an unknown name."""
-    import diffusers
-
     check_scheduler_name(name)
     cls_name, overrides, _ = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(config, **overrides)
@@ -61,25 +64,20 @@ def make_scheduler(name: str, config):
 
 @torch.no_grad()
 def prompt_embeddings(pipe, prompt: str, negative_prompt: str = "") -> dict[str, torch.Tensor]:
-    """Pipeline keyword arguments for one compel-syntax prompt: ``prompt_embeds``, ``negative_prompt_embeds``
-    ``(1, T, D)`` padded to the same T (a multiple of the tokenizer's ``model_max_length``: long prompts are
-    chunked, not truncated); SDXL adds ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds`` ``(1, P)``.
-    compel's ``CompelForSD`` (last hidden state) or ``CompelForSDXL`` (both encoders' penultimate hidden
-    states, not normalized; pooled from the second encoder, from the raw prompt, syntax included). A plain
-    prompt gives exactly ``pipe.encode_prompt``'s embeddings; an empty SDXL negative prompt zeros, as
-    ``pipe(prompt)`` (``force_zeros_for_empty_prompt``). Built per call: compel caches the empty prompt."""
-    from compel import CompelForSD, CompelForSDXL
-
-    sdxl = getattr(pipe, "text_encoder_2", None) is not None
-    out = (CompelForSDXL if sdxl else CompelForSD)(pipe)(prompt, negative_prompt=negative_prompt)
-    kwargs = dict(prompt_embeds=out.embeds, negative_prompt_embeds=out.negative_embeds)
-    if sdxl:
-        kwargs.update(pooled_prompt_embeds=out.pooled_embeds,
-                      negative_pooled_prompt_embeds=out.negative_pooled_embeds)
-        if not negative_prompt and pipe.config.get("force_zeros_for_empty_prompt", False):
-            for key in ("negative_prompt_embeds", "negative_pooled_prompt_embeds"):
-                kwargs[key] = torch.zeros_like(kwargs[key])
-    return kwargs
+    """Pipeline keyword arguments for one compel-syntax prompt, from the pipeline's family
+    (:meth:`lora_dpo.models.families.base.ModelFamily.prompt_embeddings`): ``prompt_embeds``,
+    ``negative_prompt_embeds`` ``(1, T, D)`` padded to the same T (a multiple of the tokenizer's
+    ``model_max_length``: long prompts are chunked, not truncated); SDXL adds ``pooled_prompt_embeds``,
+    ``negative_pooled_prompt_embeds`` ``(1, P)``. compel's ``CompelForSD`` (last hidden state) or ``CompelForSDXL``
+    (both encoders' penultimate hidden states, not normalized; pooled from the second encoder, from the raw prompt,
+    syntax included). A plain prompt gives exactly ``pipe.encode_prompt``'s embeddings; an empty SDXL negative
+    prompt zeros, as ``pipe(prompt)`` (``force_zeros_for_empty_prompt``). Built per call: compel caches the empty
+    prompt."""
+    family = family_of_pipeline(pipe)
+    if family.compel_class_name is None:
+        raise ValueError(f"compel has no prompt weighting for {family.label} pipelines: pass plain prompts")
+    conditioning = getattr(compel, family.compel_class_name)(pipe)(prompt, negative_prompt=negative_prompt)
+    return family.prompt_embeddings(conditioning, pipe, negative_prompt)
 
 
 def lora_hash(path: str | Path) -> str:
@@ -123,8 +121,6 @@ def lora_disabled(pipe) -> Iterator[None]:
 
 
 def _check_args(prompts, negative_prompt, adapters, seeds, steps, guidance, scheduler, sizes, dtype, device):
-    from compel import Compel
-
     is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
     is_number = lambda x: is_int(x) or (isinstance(x, float) and math.isfinite(x))  # noqa: E731
     if not prompts or not all(isinstance(p, str) for p in (*prompts, negative_prompt)):
@@ -178,15 +174,13 @@ def generate(model: str, prompt: str | list[str], *, negative_prompt: str = "",
         Before any weights load: ValueError (a bad argument), ``models.ModelLoadError``, FileNotFoundError,
         ``lora_files.UnsafeFileError`` or ``lora_files.AdapterMismatchError`` (an adapter).
     """
-    from tqdm.auto import tqdm
-
     start = time.perf_counter()
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     seeds, adapters, out_dir = list(seeds), list(adapters), Path(out_dir)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_args(prompts, negative_prompt, adapters, seeds, num_inference_steps, guidance_scale, scheduler,
                 (height, width), dtype, device)
-    family = detect_family(read_model_index(str(model)))
+    family = family_for_index(read_model_index(str(model))).name
     files = [check_adapter_fits_model(path, model) for path, _ in adapters]  # safetensors, fits the model
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file: pass a folder")
@@ -194,47 +188,16 @@ def generate(model: str, prompt: str | list[str], *, negative_prompt: str = "",
     pipe = sampling.load_pipeline(model, device=device, dtype=DTYPES[dtype])
     if scheduler != "default":
         pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    info = []
-    for i, ((path, scale), file) in enumerate(zip(adapters, files)):
-        load_adapter(pipe, file, f"adapter{i}")
-        name = Path(path).expanduser().name if Path(path).expanduser().is_dir() else file.stem
-        info.append(dict(name=name, path=str(path), file=str(file), scale=float(scale), hash=lora_hash(file)))
-    if info:
-        pipe.set_adapters([f"adapter{i}" for i in range(len(info))], [a["scale"] for a in info])
+    info = _load_adapters(pipe, adapters, files)
     load_s = time.perf_counter() - start
-    cls = type(pipe.scheduler).__name__  # A1111 sampler name (else the class), schedule type
-    sampler = next((label for c, _, label in SCHEDULERS.values() if c == cls), cls)
-    karras = "Karras" if pipe.scheduler.config.get("use_karras_sigmas") else None
     common = dict(model=str(model), model_name=Path(model).name if Path(model).exists() else str(model),
                   family=family, negative_prompt=negative_prompt, steps=num_inference_steps,
-                  guidance_scale=float(guidance_scale), scheduler=scheduler, sampler=sampler,
-                  scheduler_class=cls, schedule_type=karras,
+                  guidance_scale=float(guidance_scale), scheduler=scheduler, **_sampler_names(pipe.scheduler),
                   dtype=str(DTYPES[dtype]).removeprefix("torch."), device=str(device), adapters=info)
     out_dir.mkdir(parents=True, exist_ok=True)
     passes = ([("base", False)] if grid else []) + [("lora", True)] if info else [("base", False)]
-    images, pictures = [], {}
-    with tqdm(total=len(passes) * len(prompts) * len(seeds), desc="generate", unit="img",
-              disable=not progress) as bar:
-        for kind, enabled in passes:
-            with lora_disabled(pipe) if info and not enabled else nullcontext():
-                for i, text in enumerate(prompts):
-                    embeds = prompt_embeddings(pipe, text, negative_prompt)
-                    for seed in seeds:
-                        t0 = time.perf_counter()
-                        image = pipe(**embeds, generator=torch.Generator(device="cpu").manual_seed(seed),
-                                     num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                     height=height, width=width, output_type="pil").images[0].convert("RGB")
-                        params = dict(common, prompt=text, seed=seed, width=image.width, height=image.height,
-                                      adapters_enabled=enabled)
-                        png = PngInfo()  # tEXt chunks (iTXt for text outside latin-1)
-                        png.add_text("parameters", a1111_parameters(params))
-                        png.add_text("lora-dpo", json.dumps(params))
-                        file = out_dir / f"{kind}_p{i:02d}_s{seed}.png"
-                        image.save(file, pnginfo=png)
-                        pictures[kind, i, seed] = image
-                        images.append(dict(file=str(file), kind=kind, prompt_index=i, prompt=text, seed=seed,
-                                           seconds=round(time.perf_counter() - t0, 4)))
-                        bar.update()
+    call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width)
+    images, pictures = _render_passes(pipe, passes, prompts, seeds, negative_prompt, call, common, out_dir, progress)
     grid_file = out_dir / "grid.png" if len(passes) == 2 else None
     if grid_file:
         labels = [f"{text}  (seeds {', '.join(map(str, seeds))})" for text in prompts]
@@ -243,7 +206,74 @@ def generate(model: str, prompt: str | list[str], *, negative_prompt: str = "",
     total_s = time.perf_counter() - start
     timings = dict(load_s=load_s, generate_s=total_s - load_s, total_s=total_s,
                    seconds_per_image=(total_s - load_s) / len(images))
-    report = dict(common, prompts=prompts, seeds=seeds, width=image.width, height=image.height, images=images,
+    last = next(reversed(pictures.values()))  # the last image made
+    report = dict(common, prompts=prompts, seeds=seeds, width=last.width, height=last.height, images=images,
                   grid=grid_file and str(grid_file), timings={k: round(v, 4) for k, v in timings.items()})
     (out_dir / "generate.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _load_adapters(pipe, adapters: list[tuple[str, float]], files: list[Path]) -> list[dict]:
+    """Load each adapter file as ``adapter<i>`` and activate them all at their scales. Returns one entry per
+    adapter: ``name`` (its folder's name, else the file's stem), ``path``, ``file``, ``scale``, ``hash``
+    (:func:`lora_hash`)."""
+    info = []
+    for i, ((path, scale), file) in enumerate(zip(adapters, files)):
+        load_adapter(pipe, file, f"adapter{i}")
+        name = Path(path).expanduser().name if Path(path).expanduser().is_dir() else file.stem
+        info.append(dict(name=name, path=str(path), file=str(file), scale=float(scale), hash=lora_hash(file)))
+    if info:
+        pipe.set_adapters([f"adapter{i}" for i in range(len(info))], [a["scale"] for a in info])
+    return info
+
+
+def _sampler_names(scheduler) -> dict[str, str | None]:
+    """The pipeline scheduler's AUTOMATIC1111 names: ``sampler`` (:data:`SCHEDULERS`' label, else the class name),
+    ``scheduler_class``, ``schedule_type`` (``Karras`` or None)."""
+    cls = type(scheduler).__name__
+    sampler = next((label for c, _, label in SCHEDULERS.values() if c == cls), cls)
+    karras = "Karras" if scheduler.config.get("use_karras_sigmas") else None
+    return dict(sampler=sampler, scheduler_class=cls, schedule_type=karras)
+
+
+def _render_passes(pipe, passes: list[tuple[str, bool]], prompts: list[str], seeds: list[int], negative_prompt: str,
+                   call: dict, common: dict, out_dir: Path, progress: bool) -> tuple[list[dict], dict]:
+    """One image per (pass, prompt, seed), each written as ``<kind>_p<i>_s<seed>.png`` with its parameters.
+
+    Args:
+        passes: ``(kind, adapters_enabled)`` pairs, e.g. ``[("base", False), ("lora", True)]``.
+        call: the pipeline's sampler arguments (steps, guidance, height, width). common: the parameters every
+            image shares (:func:`generate`'s report, ``adapters`` included).
+    Returns:
+        ``(images, pictures)``: the report's entries (file, kind, prompt, seed, seconds), in order, and the images
+        by ``(kind, prompt index, seed)``.
+    """
+    images, pictures = [], {}
+    with tqdm(total=len(passes) * len(prompts) * len(seeds), desc="generate", unit="img",
+              disable=not progress) as bar:
+        for kind, enabled in passes:
+            with lora_disabled(pipe) if common["adapters"] and not enabled else nullcontext():
+                for i, text in enumerate(prompts):
+                    embeds = prompt_embeddings(pipe, text, negative_prompt)
+                    for seed in seeds:
+                        t0 = time.perf_counter()
+                        image = pipe(**embeds, generator=torch.Generator(device="cpu").manual_seed(seed), **call,
+                                     output_type="pil").images[0].convert("RGB")
+                        params = dict(common, prompt=text, seed=seed, width=image.width, height=image.height,
+                                      adapters_enabled=enabled)
+                        file = out_dir / f"{kind}_p{i:02d}_s{seed}.png"
+                        _save_png(image, file, params)
+                        pictures[kind, i, seed] = image
+                        images.append(dict(file=str(file), kind=kind, prompt_index=i, prompt=text, seed=seed,
+                                           seconds=round(time.perf_counter() - t0, 4)))
+                        bar.update()
+    return images, pictures
+
+
+def _save_png(image, file: Path, params: dict) -> None:
+    """Write ``image`` with two text chunks: AUTOMATIC1111's ``parameters`` (:func:`a1111_parameters`) and
+    ``lora-dpo`` (the JSON of ``params``)."""
+    png = PngInfo()  # tEXt chunks (iTXt for text outside latin-1)
+    png.add_text("parameters", a1111_parameters(params))
+    png.add_text("lora-dpo", json.dumps(params))
+    image.save(file, pnginfo=png)

@@ -1,10 +1,10 @@
-"""Pure tensor functions for the preference losses of diffusion models (``loss.type``).
+"""The losses of ``loss.type``, as pure tensor functions, and :data:`LOSSES`, the one table that declares each type.
 
 Every loss works on per-sample denoising errors ``e`` (:func:`per_sample_mse`), ``(2B,)`` with the preferred images
 first, and returns ``(loss (B,), metrics)`` with TRL's metric names. The paired losses that compare against a
 reference share the implicit log-ratio of Wallace et al., "Diffusion Model Alignment Using Direct Preference
 Optimization", CVPR 2024 (arXiv 2311.12908), Eq. 14, in the convention of the official code
-(``scale_term = -0.5 * beta_dpo``, errors averaged over C, H, W; DESIGN.md §1)::
+(``scale_term = -0.5 * beta_dpo``, errors averaged over C, H, W)::
 
     h = -0.5·[(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]        rewards/margins u = β·h
 
@@ -18,14 +18,33 @@ Optimization", CVPR 2024 (arXiv 2311.12908), Eq. 14, in the convention of the of
   as TRL): ``max(0, 1 - βh)``;
 - :func:`mapo_loss` (reference-free), :func:`kto_loss` (unpaired), :func:`sft_loss`, and the safeguard of
   :func:`sdpo_loser_scale`.
+
+This module sits below everything but torch: :mod:`lora_dpo.config` validates ``loss.*`` against :data:`LOSSES`,
+training resolves each row's micro-step kind (:mod:`lora_dpo.training.steps`), the model card reads its wording.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from lora_dpo.training.diagnostics import masked_sums
+SUM, COUNT = ":sum", ":count"
+
+
+def masked_sums(name: str, values: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A metric that is a mean over some of a micro-batch's examples, as a sum and a count to add up over a step and
+    across processes: ``{f"{name}:sum": (), f"{name}:count": ()}`` (0-dim float32).
+    :func:`lora_dpo.training.diagnostics.ratio_means` turns the step's totals back into ``name``.
+
+    Args:
+        values: ``(N,)``. mask: ``(N,)`` bool, the examples the mean is over.
+    """
+    mask = mask.bool()
+    return {name + SUM: values.detach().float()[mask].sum(), name + COUNT: mask.float().sum()}
 
 
 def per_sample_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -198,7 +217,7 @@ def kto_loss(model_err: torch.Tensor, ref_err: torch.Tensor, desirable: torch.Te
         reference_point: z, a scalar: the batch mean of g over every process, clamped at 0 and detached
             (:func:`kto_reference_point`).
     Returns:
-        ``(loss (N,), metrics)``, TRL's KTO names: ``kl`` (z, ``(N,)``) and, as :func:`lora_dpo.training.diagnostics.masked_sums`
+        ``(loss (N,), metrics)``, TRL's KTO names: ``kl`` (z, ``(N,)``) and, as :func:`masked_sums`
         (means over the images of one label, summed and counted so that they add up over a step),
         ``rewards/chosen`` / ``rewards/rejected`` (β·g of the desirable / undesirable images; TRL calls them chosen
         and rejected) and ``mse/chosen`` / ``mse/rejected`` (their e_θ).
@@ -227,3 +246,138 @@ def kto_reference_point(model_err: torch.Tensor, ref_err: torch.Tensor, reduce=N
     if reduce is not None:
         z = reduce(z)
     return z.clamp(min=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table of loss types
+
+
+@dataclass
+class LossInputs:
+    """What a micro-step hands a loss: the errors of its examples and what some losses read besides them.
+
+    Attributes:
+        model_err: ``(2B,)`` policy errors of B pairs, preferred first (``"pairs"`` steps), ``(B,)`` of the preferred
+            images (``preferred_only`` losses), or ``(N,)`` of N labeled images (``"images"`` steps).
+        ref_err: the reference errors in the same order, or None for a loss without a reference.
+        pred, target: the policy's prediction and its target, ``(rows, C, h, w)`` (the SDPO safeguard reads them).
+        num_train_timesteps: T of the noise scheduler (MaPO's scale).
+        desirable: ``(N,)`` bool labels of labeled images; None for pairs.
+        reduce: averages a scalar over every process (KTO's reference point); None: this process alone.
+    """
+
+    model_err: torch.Tensor
+    ref_err: torch.Tensor | None
+    pred: torch.Tensor
+    target: torch.Tensor
+    num_train_timesteps: int
+    desirable: torch.Tensor | None = None
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+
+def _paired(inputs: LossInputs, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """sigmoid / ipo / hinge: :func:`diffusion_dpo_loss`, with the SDPO safeguard when ``loss.sdpo_mu`` is set."""
+    scale = None if loss.sdpo_mu is None else sdpo_loser_scale(inputs.pred, inputs.target, loss.sdpo_mu)
+    per_pair, metrics = diffusion_dpo_loss(inputs.model_err, inputs.ref_err, loss.beta, loss.type,
+                                           loss.label_smoothing, scale)
+    if scale is not None:
+        metrics["sdpo/loser_scale"] = scale.expand(per_pair.shape[0])
+    return per_pair, metrics
+
+
+def _mapo(inputs: LossInputs, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return mapo_loss(inputs.model_err, loss.mapo_beta, loss.mapo_alpha, inputs.num_train_timesteps)
+
+
+def _kto(inputs: LossInputs, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    z = kto_reference_point(inputs.model_err, inputs.ref_err, reduce=inputs.reduce)
+    return kto_loss(inputs.model_err, inputs.ref_err, inputs.desirable, loss.kto_beta, z, loss.desirable_weight,
+                    loss.undesirable_weight)
+
+
+def _sft(inputs: LossInputs, loss) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return sft_loss(inputs.model_err)
+
+
+@dataclass(frozen=True)
+class LossType:
+    """One row of :data:`LOSSES`: everything the kit needs to know about a ``loss.type``.
+
+    Attributes:
+        method: how the model card names the method (``trained with {method}``).
+        step: the micro-step kind that trains it (:mod:`lora_dpo.training.steps`): ``"pairs"`` (a micro-batch of B
+            preference pairs, ``train.batch_size`` counts pairs) or ``"images"`` (N labeled images, each its own
+            draw, ``train.batch_size`` counts images).
+        needs_reference: whether it compares against a reference (a reference pass, or precomputed reference errors).
+        hyperparameters: the ``loss.*`` keys it reads, always shown by ``LossConfig.describe`` (``β 5000``).
+        options: further ``loss.*`` keys it accepts, off by default, shown when set; a key of :data:`REFUSALS` that a
+            type lists in neither tuple is refused for it.
+        per_example: ``(LossInputs, loss config) -> (loss per example, metrics)``.
+        preferred_only: a ``"pairs"`` loss that runs only the preferred image of each pair through the policy (SFT).
+    """
+
+    method: str
+    step: str
+    needs_reference: bool
+    hyperparameters: tuple[str, ...]
+    options: tuple[str, ...]
+    per_example: Callable[[LossInputs, Any], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    preferred_only: bool = False
+
+    @property
+    def unit(self) -> str:
+        """What ``train.batch_size`` and the throughput count: ``"pairs"`` or ``"images"`` (labeled images)."""
+        return "images" if self.step == "images" else "pairs"
+
+
+_ANCHOR = ("sft_weight",)  # the SFT anchor w·e_θ(w), added to any preference loss by its micro-step
+
+LOSSES: dict[str, LossType] = {
+    "sigmoid": LossType("Diffusion-DPO (Wallace et al., CVPR 2024)", "pairs", True, ("beta",),
+                        ("label_smoothing", "sdpo_mu", *_ANCHOR), _paired),
+    "ipo": LossType("the IPO loss (Azar et al. 2023) on Diffusion-DPO's implicit reward", "pairs", True, ("beta",),
+                    _ANCHOR, _paired),
+    "hinge": LossType("the hinge loss (Liu et al. 2023) on Diffusion-DPO's implicit reward", "pairs", True, ("beta",),
+                      _ANCHOR, _paired),
+    "mapo": LossType("MaPO (Hong et al. 2024)", "pairs", False, ("mapo_beta", "mapo_alpha"), _ANCHOR, _mapo),
+    "kto": LossType("Diffusion-KTO (Li et al. 2024)", "images", True,
+                    ("kto_beta", "desirable_weight", "undesirable_weight"), _ANCHOR, _kto),
+    "sft": LossType("supervised fine-tuning on the preferred images", "pairs", False, (), (), _sft,
+                    preferred_only=True),
+}
+
+# How ``LossConfig.describe`` shows each key: ``{label} {value:g}``.
+LABELS = {"beta": "β", "mapo_beta": "β", "mapo_alpha": "α", "kto_beta": "β", "desirable_weight": "λ_D",
+          "undesirable_weight": "λ_U", "label_smoothing": "label smoothing", "sdpo_mu": "SDPO μ",
+          "sft_weight": "SFT anchor"}
+
+# The keys refused, with these messages (``{type}``: the recipe's loss.type), when set to other than their default
+# for a type that does not accept them; checked in this order. A key not listed here (``beta``, ``mapo_*``) is
+# ignored by the types that do not read it.
+REFUSALS = {
+    "label_smoothing": "loss.label_smoothing applies to loss.type=sigmoid (conservative DPO), not {type}",
+    "sdpo_mu": "loss.sdpo_mu (the Diffusion-SDPO safeguard) applies to loss.type=sigmoid, not {type}",
+    "kto_beta": "loss.kto_beta applies to loss.type=kto (Diffusion-KTO), not {type}",
+    "desirable_weight": "loss.desirable_weight applies to loss.type=kto (Diffusion-KTO), not {type}",
+    "undesirable_weight": "loss.undesirable_weight applies to loss.type=kto (Diffusion-KTO), not {type}",
+    "sft_weight": "loss.sft_weight adds an SFT anchor to a preference loss; loss.type={type} is SFT already",
+}
+
+
+def refused_option(loss_type: str, is_set: Callable[[str], bool]) -> str | None:
+    """The message for the first key of :data:`REFUSALS` that ``loss_type`` does not accept but the recipe sets
+    (``is_set(key)``: the value differs from its default); None when every set key fits."""
+    row = LOSSES[loss_type]
+    for key, message in REFUSALS.items():
+        if key not in row.hyperparameters and key not in row.options and is_set(key):
+            return message.format(type=loss_type)
+    return None
+
+
+def describe(loss_type: str, value: Callable[[str], Any], is_set: Callable[[str], bool]) -> str:
+    """``loss_type`` and the hyperparameters it uses, e.g. ``sigmoid (β 5000, SDPO μ 0.6)``, ``mapo (β 0.1, α 0.5)``;
+    ``value(key)`` reads a ``loss.*`` key, ``is_set(key)`` says whether an option is on."""
+    row = LOSSES[loss_type]
+    parts = [f"{LABELS[k]} {value(k):g}" for k in row.hyperparameters]
+    parts += [f"{LABELS[k]} {value(k):g}" for k in row.options if is_set(k)]
+    return f"{loss_type} ({', '.join(parts)})" if parts else loss_type

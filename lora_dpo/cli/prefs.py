@@ -1,0 +1,58 @@
+"""``lora-dpo prefs``: preference pairs labelled by a scorer (AI feedback) in a Pick-a-Pic parquet, sampled from a
+model (``--model``, :func:`lora_dpo.feedback.prefs.build_preference_set`) or re-labelled from an existing preference
+set (``--relabel``, :func:`lora_dpo.feedback.relabel.relabel_preference_set`); prints the report."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lora_dpo.feedback.prefs import build_preference_set
+from lora_dpo.feedback.prompts import load_prompts
+from lora_dpo.feedback.relabel import relabel_preference_set
+from lora_dpo.feedback.scorers import load_scorer
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="diffusers pipeline folder to sample from")
+    source.add_argument("--relabel", metavar="DATASET",
+                        help="re-label this preference set (Pick-a-Pic parquet/folder/hub id) with the scorer; "
+                             "writes label_0 from the scorer, score_0/score_1, label_0_original, and a report")
+    parser.add_argument("--scorer", required=True,
+                        help="'jpeg', or a folder with classifier.json (digits), aesthetic.json (LAION aesthetic "
+                             "predictor) or a CLIP config.json (CLIP score / PickScore)")
+    parser.add_argument("--prompts", default="digits",
+                        help="'digits' (the ten digit captions) or a text file, one per line")
+    parser.add_argument("--pairs-per-prompt", type=int, default=None, help="pairs per prompt (two seeds each); --model")
+    parser.add_argument("--seed-offset", type=int, default=0,
+                        help="pair k uses seeds S+2k, S+2k+1; give held-out sets a disjoint range")
+    parser.add_argument("--out", required=True, help="output parquet file")
+    parser.add_argument("--steps", type=int, default=20, help="sampler steps")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    parser.add_argument("--batch-size", type=int, default=64,
+                        help="images per pipeline call and per scorer pass; --relabel: also pairs per batch")
+    parser.add_argument("--tie-margin", type=float, default=0.0,
+                        help="--relabel: |score_0 - score_1| <= margin is a tie (label_0 0.5)")
+    parser.add_argument("--split", default="train", help="--relabel: split of a hub data set / saved DatasetDict")
+    parser.add_argument("--device", default=None, help="scorer device; default: cuda when available, else cpu")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.relabel is None and args.pairs_per_prompt is None:
+        raise ValueError("--pairs-per-prompt is required when sampling with --model")
+    if args.relabel is not None and args.pairs_per_prompt is not None:
+        raise ValueError("--pairs-per-prompt applies to sampling (--model), not to --relabel")
+    # The scorer loads first: a bad --scorer fails before any data is read or generated.
+    scorer = load_scorer(args.scorer, device=args.device, batch_size=args.batch_size)
+    if args.relabel is not None:
+        report = relabel_preference_set(args.relabel, scorer, args.out, tie_margin=args.tie_margin,
+                                        batch_size=args.batch_size, split=args.split)
+    else:
+        report = build_preference_set(
+            args.model, scorer, load_prompts(args.prompts), args.pairs_per_prompt, args.out,
+            seed_offset=args.seed_offset, num_inference_steps=args.steps, guidance_scale=args.guidance,
+            batch_size=args.batch_size,
+        )
+    print(json.dumps(report, indent=2))
+    return 0

@@ -1,0 +1,42 @@
+"""``lora-dpo train RECIPE [section.key=value ...]``: train a recipe, then print where its adapter and metrics are."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from lora_dpo.config import RecipeConfig, load_config
+from lora_dpo.training.recipe import train
+
+# The exit code of a run stopped by a signal: 128 + the signal's number, as a shell reports it.
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/sd15/lora_dpo.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.max_steps=100")
+
+
+def run_training(cfg: RecipeConfig) -> int:
+    """Train ``cfg``; on the main process print the final metrics and the files written. Returns the exit code:
+    0, or 130 / 143 when SIGINT / SIGTERM stopped the run (a checkpoint is saved; 1 for another signal)."""
+    result = train(cfg)
+    if not result.is_main_process:
+        return EXIT_SIGNAL.get(result.interrupted, 1) if result.interrupted else 0
+    if result.interrupted:
+        print(f"interrupted by {result.interrupted} at step {result.step}; checkpoint saved in "
+              f"{result.run_dir / 'checkpoints'}; continue with train.resume_from=latest")
+        return EXIT_SIGNAL.get(result.interrupted, 1)
+    shown = {k: round(result.final_metrics[k], 4) for k in ("loss", "rewards/accuracies", "rewards/margins")
+             if k in result.final_metrics}
+    print(f"done: {result.step} steps, final {json.dumps(shown)}")
+    if cfg.train.mode == "full":
+        print(f"pipeline: {result.run_dir}  (DiffusionPipeline.from_pretrained('{result.run_dir}'))")
+    else:
+        print(f"adapter: {result.adapter_path}  (pipe.load_lora_weights('{result.run_dir}'))")
+    print(f"metrics: {result.run_dir / 'metrics.jsonl'}  (tensorboard --logdir {result.run_dir / 'logs'})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_training(load_config(args.recipe, args.overrides))

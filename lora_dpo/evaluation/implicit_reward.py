@@ -1,0 +1,168 @@
+"""The DPO implicit-reward accuracy of a run's adapter on held-out preference pairs.
+
+Diffusion-DPO's implicit reward (Wallace et al. 2023, arXiv 2311.12908, Eq. 14) ranks a pair by the margin
+``u`` of its loss ``-log σ(u)``: how much more the policy than the reference lowers the denoising error of the
+preferred image. :func:`implicit_reward_accuracy` measures how often ``u > 0`` on pairs the run did not train on,
+with the run's exported adapter (:func:`load_exported_adapter`: the file the images of ``lora-dpo eval`` use).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.utils import convert_unet_state_dict_to_peft
+
+from lora_dpo.config import DataConfig, LossConfig, RecipeConfig
+from lora_dpo.data.draws import EVAL_SALT, draw_seed
+from lora_dpo.data.pairs import PairDataset, collate_pairs
+from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.models.loading import Components, load_components
+from lora_dpo.models.lora_files import WEIGHT_NAME, read_lora_file
+from lora_dpo.models.policy import REFERENCE_LORA_FILE, build_policy
+from lora_dpo.training.steps import Reference, dpo_micro_step
+
+
+def load_exported_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The run's exported adapter in PEFT naming, ready for :func:`lora_dpo.models.adapters.load_lora_state_dict`.
+
+    Reads ``pytorch_lora_weights.safetensors`` (``unet.<module>.lora_A.weight``; older files ``.lora.down.weight``) and
+    converts it to ``<module>.lora_A.weight`` (what :func:`lora_dpo.models.adapters.lora_state_dict` returns). It is
+    the file ``pipe.load_lora_weights(run_dir)`` reads for the images, so the implicit reward and the images
+    judge one adapter; for a finished run it equals the last checkpoint's ``trainable_weights.safetensors``
+    (a test checks this).
+
+    Raises:
+        FileNotFoundError: no exported adapter (an interrupted run exports nothing). ValueError: no UNet keys.
+    """
+    path = Path(run_dir) / WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: the run exported no adapter (an interrupted run exports "
+                                "nothing; resume it with train.resume_from=latest until it finishes)")
+    state, _ = read_lora_file(path)
+    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    if not unet:
+        raise ValueError(f"{path} holds no UNet LoRA weights (keys such as {sorted(state)[:2]})")
+    return convert_unet_state_dict_to_peft(unet)
+
+
+@dataclass
+class _EvalAccelerator:
+    """What :func:`lora_dpo.training.steps.dpo_micro_step` uses of an ``Accelerator``: the device and an autocast
+    context (autocast only for half-precision weights, as in training)."""
+
+    device: torch.device
+    dtype: torch.dtype
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+def _heldout_data_config(cfg: RecipeConfig, heldout_pairs: str | Path, max_pairs: int | None) -> DataConfig:
+    """The recipe's data section pointed at the held-out pairs: centre crop, no flip, no caption dropout, pairs only
+    (no unpaired labels), the first ``max_pairs`` usable pairs, read in this process."""
+    return cfg.data.model_copy(update={
+        "dataset": str(heldout_pairs), "unpaired": False, "random_crop": False, "random_flip": False, "caption_dropout": 0.0,
+        "max_pairs": max_pairs, "num_workers": 0,
+    })
+
+
+def _load_policy(run_dir: str | Path, cfg: RecipeConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
+                 device: torch.device) -> tuple[Components, Reference]:
+    """The frozen components (``dtype``) with the run's adapter ``state`` loaded into the policy (fp32), in eval
+    mode, and the run's reference: the base (a fresh adapter disabled) or the LoRA it started from
+    (``lora.init_from``, kept in the run folder as ``REFERENCE_LORA_FILE``)."""
+    components = load_components(cfg.model, dtype, device)
+    start = Path(run_dir) / REFERENCE_LORA_FILE
+    policy = build_policy(cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})}),
+                          components.unet, device, components.family, start if start.is_file() else None)
+    policy.load_trainable_state_dict(state)
+    components.unet.eval()
+    return components, policy.reference
+
+
+@torch.no_grad()
+def _pair_margins(components: Components, reference: Reference, loader: torch.utils.data.DataLoader, beta: float,
+                  draws: int, seed: int, accelerator: _EvalAccelerator,
+                  skipped: dict[str, int]) -> list[torch.Tensor]:
+    """Eq. 14's margin ``u`` of every pair the loader yields, for ``draws`` keyed draws each: a list of ``(B, K)``
+    float64 tensors, one per batch with pairs. Rows the loader skips are counted into ``skipped`` (by reason)."""
+    implicit = LossConfig(beta=beta)  # Diffusion-DPO's margin, whatever loss trained the adapter
+    margins = []
+    for batch in loader:
+        for reason, n in (batch.skipped or {}).items():
+            skipped[reason] = skipped.get(reason, 0) + n
+        if batch.num_pairs == 0:
+            continue
+        per_draw = []
+        for k in range(draws):
+            batch.draw_seeds = [draw_seed(EVAL_SALT, seed, index, k) for index in batch.indices]
+            _, metrics = dpo_micro_step(components, components.unet, reference, batch, implicit, accelerator,
+                                        accelerator.dtype)
+            per_draw.append(metrics["rewards/margins"].double().cpu())
+        margins.append(torch.stack(per_draw, dim=1))  # (B, K)
+    return margins
+
+
+def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pairs: str | Path, *, draws: int = 4,
+                             seed: int = 0, batch_size: int = 8, max_pairs: int | None = None,
+                             device: str | torch.device = "cpu",
+                             dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+    """DPO implicit-reward accuracy of the run's adapter on held-out preference pairs.
+
+    Per pair, the margin of Wallace et al. Eq. 14, ``u = -0.5·β·[(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]``
+    (β from the recipe, ``e`` the per-sample denoising error, θ = base UNet + the adapter, ref = the same UNet
+    with the adapter disabled), computed by :func:`lora_dpo.training.steps.dpo_micro_step` for ``draws`` draws of
+    (t, noise, VAE sample). Each draw is shared by the policy and the reference and by both images of a pair;
+    draw k of pair i is seeded ``draw_seed(EVAL_SALT, seed, i, k)`` (:mod:`lora_dpo.data.draws`), so a result does not
+    depend on ``batch_size``. A pair counts as correct when its mean margin over the draws is > 0 (strict).
+
+    Pairs: ``heldout_pairs`` in the Pick-a-Pic schema, loaded by :func:`lora_dpo.data.sources.load_preference_dataset`
+    with the recipe's columns and resolution (ties dropped), centre-cropped, no flip, no caption dropout, in
+    file order; ``max_pairs`` keeps the first usable ones.
+
+    Args:
+        cfg: the run's :class:`lora_dpo.config.RecipeConfig` (``model``, ``lora``, ``data``, ``loss.beta``).
+        dtype: frozen weights' dtype (the adapter stays fp32); half precision runs under autocast.
+    Returns:
+        ``{"accuracy", "margin_mean", "margin_std" (over pairs, of the per-pair mean margin),
+        "per_draw_accuracy" (fraction of (pair, draw) with u > 0), "n_pairs", "draws", "seed", "beta",
+        "batch_size", "heldout_pairs", "skipped" (rows dropped, by reason), "weights"}``.
+    Raises:
+        FileNotFoundError: no data at ``heldout_pairs`` or no exported adapter. ValueError: no usable pair.
+    """
+    if draws < 1:
+        raise ValueError(f"draws={draws} must be >= 1")
+    device = torch.device(device)
+    data_cfg = _heldout_data_config(cfg, heldout_pairs, max_pairs)
+    dataset, report = load_preference_dataset(data_cfg)
+    state = load_exported_adapter(run_dir)
+    components, reference = _load_policy(run_dir, cfg, state, dtype, device)
+    loader = torch.utils.data.DataLoader(PairDataset(dataset, data_cfg, seed), batch_size=batch_size,
+                                         shuffle=False, collate_fn=collate_pairs)
+    skipped = dict(report.get("skipped", {}))
+    margins = _pair_margins(components, reference, loader, cfg.loss.beta, draws, seed,
+                            _EvalAccelerator(device, dtype), skipped)
+    if not margins:
+        raise ValueError(f"no held-out pair of {heldout_pairs} could be decoded: {skipped}")
+    u = torch.cat(margins).numpy()  # (P, K)
+    return _accuracy_report(u, draws=draws, seed=seed, beta=float(cfg.loss.beta), batch_size=batch_size,
+                            heldout_pairs=heldout_pairs, skipped=skipped, weights=Path(run_dir) / WEIGHT_NAME)
+
+
+def _accuracy_report(u: np.ndarray, *, draws: int, seed: int, beta: float, batch_size: int,
+                     heldout_pairs: str | Path, skipped: dict[str, int], weights: Path) -> dict[str, Any]:
+    """:func:`implicit_reward_accuracy`'s report from the margins ``u`` ``(P, K)`` (pairs × draws)."""
+    mean_u = u.mean(axis=1)
+    return {
+        "accuracy": float((mean_u > 0).mean()), "margin_mean": float(mean_u.mean()),
+        "margin_std": float(mean_u.std()), "per_draw_accuracy": float((u > 0).mean()), "n_pairs": len(u),
+        "draws": draws, "seed": seed, "beta": beta, "batch_size": batch_size,
+        "heldout_pairs": str(heldout_pairs), "skipped": skipped, "weights": str(weights),
+    }
