@@ -17,6 +17,7 @@ import importlib
 # public name -> (module, attribute)
 _API = {
     "train": ("lora_dpo.training.recipe", "train"),
+    "check_recipe": ("lora_dpo.training.setup", "check_recipe"),
     "load_config": ("lora_dpo.config", "load_config"),
     "RecipeConfig": ("lora_dpo.config", "RecipeConfig"),
     "evaluate": ("lora_dpo.evaluation.run", "evaluate_run"),

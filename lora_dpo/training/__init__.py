@@ -9,10 +9,11 @@ from lora_dpo.training.diagnostics import BothErrorsRising, timestep_bucket_sums
 from lora_dpo.training.memory import current_memory_gb, peak_memory_gb, reset_peak_memory
 from lora_dpo.training.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
 from lora_dpo.training.recipe import PreferenceRecipe, TrainResult, train
-from lora_dpo.training.setup import setup_policy
+from lora_dpo.training.setup import check_recipe, setup_policy
 from lora_dpo.training.steps import MICRO_STEPS, dpo_micro_step, kto_micro_step, noised_latents
 
 __all__ = [
+    "check_recipe",
     "BothErrorsRising",
     "MICRO_STEPS",
     "PreferenceRecipe",

@@ -12,12 +12,15 @@ import torch
 from accelerate.utils import DistributedType
 
 from lora_dpo.config import DataConfig, RecipeConfig
-from lora_dpo.data.cache import CachedPairDataset
+from lora_dpo.data.cache import CachedPairDataset, check_cache
 from lora_dpo.data.sources import load_preference_dataset
+from lora_dpo.data.streaming import StreamedPairs
 from lora_dpo.data.unpaired import LabeledImages
 from lora_dpo.errors import ConfigError
-from lora_dpo.models.loading import DTYPES, Components, load_components
+from lora_dpo.models.loading import DTYPES, Components, detect_family, load_components, read_model_index
+from lora_dpo.models.lora_files import check_adapter_fits_model
 from lora_dpo.models.policy import Policy, build_policy
+from lora_dpo.training.optim import check_optimizer_available
 
 
 def setup_policy(cfg: RecipeConfig, device, components: Components | None = None,
@@ -80,3 +83,30 @@ def fill_deepspeed_config(accelerator, batch_size: int, max_grad_norm: float | N
     for key, value in (("train_micro_batch_size_per_gpu", batch_size), ("gradient_clipping", max_grad_norm or 0.0)):
         if ds_config.get(key, "auto") == "auto":
             ds_config[key] = value
+
+
+def check_recipe(cfg: RecipeConfig) -> tuple[str, dict[str, Any]]:
+    """What ``lora-dpo validate`` checks, loading no weights: the model folder or id (its ``model_index.json`` and
+    family), the optimizer (8-bit AdamW needs bitsandbytes), the starting LoRA (safetensors that fit the model), and
+    the data, opened as training opens it: the latent cache's key and counts, the stream's source and columns, or the
+    data set's rows (kept and skipped, by reason).
+
+    Returns:
+        ``(family name, data report)``.
+    Raises:
+        ModelLoadError / ConfigError / FileNotFoundError / ValueError / ImportError: what the first failing check
+        raises, with its message.
+    """
+    family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    check_optimizer_available(cfg.optim)
+    if cfg.lora.init_from:
+        check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+    if cfg.data.latent_cache:
+        manifest = check_cache(cfg, cfg.data.latent_cache)
+        return family, {"latent_cache": cfg.data.latent_cache, "pairs": manifest["pairs"],
+                        "skipped": manifest["skipped"]}
+    if cfg.data.streaming:  # opening the stream checks the source and its columns; rows are checked as read
+        StreamedPairs(cfg.data, seed=cfg.train.seed)
+        return family, {"streaming": True, "rows": "checked as they are read"}
+    _, report = load_preference_dataset(cfg.data)
+    return family, report
