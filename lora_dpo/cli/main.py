@@ -14,13 +14,16 @@ Each command is one module of this package (``lora_dpo.cli.<command>``) with ``a
 module of the command on the command line, so ``lora-dpo --help`` and an argument error print without importing
 torch, diffusers or the stages.
 
-Exit codes: 0 done; 2 bad input (one ``error:`` line on stderr: a config, model, file, value or import error);
-1 training diverged; a training run stopped by SIGINT / SIGTERM returns 130 / 143 (:mod:`lora_dpo.cli.train`).
+Exit codes: 0 done; 2 bad input (one ``error:`` line on stderr: a config, model, file, value or import error, a
+locked run folder, a checkpoint that fails its verification, a full disk); 1 training diverged; a training run stopped
+by SIGINT / SIGTERM returns 130 / 143 (:mod:`lora_dpo.cli.train`). ``--debug`` (or ``LORA_DPO_DEBUG=1``) shows the
+traceback instead of the one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -29,9 +32,16 @@ import warnings
 from types import ModuleType
 from typing import NamedTuple
 
-from lora_dpo.errors import ConfigError, ModelLoadError, TrainingDiverged
+from lora_dpo.errors import ConfigError, DiskFullError, ModelLoadError, TrainingDiverged
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
+DEBUG_ENV = "LORA_DPO_DEBUG"  # set to 1: tracebacks instead of one error line, as --debug
+# Errors of the input, answered with one line and exit 2 (ValueError covers ConfigError, DataError, CheckpointError).
+BAD_INPUT = (ConfigError, ModelLoadError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError,
+             ValueError, ImportError, NotImplementedError, DiskFullError)
+# OS errors that are the machine's state, not a bug: also one line, naming the file.
+_OS_STATES = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+              errno.EACCES: "permission denied", errno.EROFS: "read-only file system"}
 
 
 class Command(NamedTuple):
@@ -84,7 +94,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The ``lora-dpo`` parser: every command with its help line; the arguments of ``command`` only (its module is
     the one imported)."""
     parser = argparse.ArgumentParser(prog="lora-dpo", description="Diffusion-DPO with LoRA for SD1.5 and SDXL")
-    parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--debug", "--traceback", dest="debug", action="store_true",
+                        help=f"show the full traceback on errors (also: {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, entry in COMMANDS.items():
         p = sub.add_parser(name, help=entry.help)
@@ -93,25 +104,38 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str | None:
+    """The one ``error:`` line for an exception that is bad input or the machine's state (a full disk, a denied
+    permission), else None (a bug: its traceback is shown)."""
+    if isinstance(exc, BAD_INPUT):
+        return f"error: {exc}"
+    if isinstance(exc, OSError) and exc.errno in _OS_STATES:
+        where = f" writing {exc.filename}" if exc.filename else ""
+        hint = ("free space there or point output.dir (or the path given) at another disk"
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions")
+        return f"error: {_OS_STATES[exc.errno]}{where}: {hint}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``lora-dpo`` command (``argv``: default ``sys.argv[1:]``); return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _setup_logging()  # before the command's module loads, as its imports ran after it when they were in functions
-    args = build_parser(chosen_command(argv)).parse_args(argv)
-    try:
+    debug = bool({"--debug", "--traceback"} & set(argv)) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+    try:  # the parser imports the command's module: a missing optional dependency is one line too
+        args = build_parser(chosen_command(argv)).parse_args(argv)
         return command_module(args.command).run(args)
-    except (ConfigError, ModelLoadError, FileNotFoundError, FileExistsError, ValueError, ImportError,
-            NotImplementedError) as exc:
-        if args.traceback:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except TrainingDiverged as exc:
-        if args.traceback:
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-
+    except Exception as exc:
+        line = error_line(exc)
+        if debug or line is None:
+            raise
+        print(line, file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,9 +18,9 @@ from diffusers import UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
 
-from lora_dpo.errors import AdapterMismatchError, UnsafeFileError
+from lora_dpo.errors import AdapterMismatchError, CorruptFileError, UnsafeFileError
 from lora_dpo.models.families import family_for_index, family_of_pipeline, get_family
-from lora_dpo.models.pretrained import read_model_index
+from lora_dpo.models.pretrained import corrupt_weights_message, read_model_index, safetensors_problem
 
 WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' LoRA file: what lora-dpo writes and reads first
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
@@ -32,12 +32,19 @@ _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".
 _UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight", ".lora_linear_layer.up.weight")
 
 
+def converted_name(path: Path) -> Path:
+    """Where the conversion hint writes a pickle's tensors: ``<stem>.safetensors`` beside it, or
+    ``<stem>.converted.safetensors`` when that is the input itself (a pickle named .safetensors) or exists."""
+    target = path.with_suffix(".safetensors")
+    return path.with_name(f"{path.stem}.converted.safetensors") if target == path or target.exists() else target
+
+
 def _unsafe_message(path: Path) -> str:
     return (
         f"{path} is not a safetensors file. lora-dpo reads weights only from .safetensors: a pickle file "
         "(torch.save, .bin/.pt/.pth/.ckpt) can run arbitrary code when loaded. If you trust its origin, convert "
-        "it once: python -c \"import torch; from safetensors.torch import save_file; "
-        f"save_file(torch.load('{path}', weights_only=True), '{path.with_suffix('.safetensors')}')\""
+        "it once into a new file: python -c \"import torch; from safetensors.torch import save_file; "
+        f"save_file(torch.load('{path}', weights_only=True), '{converted_name(path)}')\""
     )
 
 
@@ -89,9 +96,12 @@ def resolve_lora_file(path: str | Path) -> Path:
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors of a LoRA file (on the CPU) and its safetensors header metadata (``{}`` if none).
 
-    Raises: see :func:`resolve_lora_file`.
+    Raises: see :func:`resolve_lora_file`; CorruptFileError: a truncated or corrupt file (the header does not fit).
     """
     file = resolve_lora_file(path)
+    problem = safetensors_problem(file)
+    if problem:
+        raise CorruptFileError(corrupt_weights_message(file, problem))
     with safe_open(str(file), framework="pt", device="cpu") as fh:
         metadata = dict(fh.metadata() or {})
         tensors = {k: fh.get_tensor(k) for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)

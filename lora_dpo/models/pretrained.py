@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
+from safetensors import SafetensorError
 
 from lora_dpo.errors import ModelLoadError
 
@@ -74,14 +76,68 @@ def read_component_config(source, subfolder: str = "unet") -> dict[str, Any]:
     return json.loads((path / "config.json" if path.is_dir() else path).read_text())
 
 
+def safetensors_problem(path: str | Path) -> str | None:
+    """What is wrong with a ``.safetensors`` file, from its header alone, or None when it reads: the header (an
+    8-byte little-endian length, then that much JSON) must fit the file, and the tensors' data offsets must cover
+    the rest of the file exactly (the safetensors format). Reads the header only."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                return f"{size} bytes, shorter than a safetensors header"
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                return f"its header claims {length} bytes but the file has {size}"
+            header = json.loads(fh.read(length))
+    except OSError as exc:
+        return str(exc)
+    except (ValueError, UnicodeDecodeError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    ends = [entry["data_offsets"][1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and len(entry.get("data_offsets", ())) == 2]
+    data = size - 8 - length
+    if max(ends, default=0) != data:
+        return f"its tensors need {max(ends, default=0)} bytes of data, the file holds {data}"
+    return None
+
+
+def corrupt_weights_message(path: str | Path, detail: str) -> str:
+    """The message of a weights file that does not read as safetensors although it is one by name and header."""
+    return (f"{path} is truncated or corrupt ({detail}): copy or download it again, or save it again from the "
+            "process that made it")
+
+
+def _corrupt_file_in(name: str) -> tuple[str, str] | None:
+    """The first ``.safetensors`` file of a local model folder with a :func:`safetensors_problem`, and that."""
+    folder = Path(name).expanduser()
+    for file in sorted(folder.rglob("*.safetensors")) if folder.is_dir() else ():
+        problem = safetensors_problem(file)
+        if problem:
+            return str(file), problem
+    return None
+
+
 @contextmanager
 def safetensors_only(name: str) -> Iterator[None]:
-    """Turn the loaders' "no safetensors file" error (weights loaded with ``use_safetensors=True``) into a
-    :class:`ModelLoadError` that says why pickle weights are refused and how to convert them."""
+    """Turn the loaders' weight-file errors into a :class:`ModelLoadError` naming the model: "no safetensors file"
+    (weights loaded with ``use_safetensors=True``) says why pickle weights are refused and how to convert them; a
+    truncated or corrupt ``.safetensors`` file (diffusers' "Unable to load weights", safetensors' own
+    ``SafetensorError``) is named as such."""
     try:
         yield
+    except SafetensorError as exc:
+        file, detail = _corrupt_file_in(name) or (f"a weights file of '{name}'", str(exc))
+        raise ModelLoadError(corrupt_weights_message(file, detail)) from exc
     except OSError as exc:
-        if "safetensors" not in str(exc) and ".bin" not in str(exc):
+        text = str(exc)
+        if "Unable to load weights from checkpoint file" in text and ".safetensors" in text:
+            file, detail = _corrupt_file_in(name) or (text.split("'")[1], "unreadable")
+            raise ModelLoadError(corrupt_weights_message(file, detail)) from exc
+        if "safetensors" not in text and ".bin" not in text:
             raise
         raise ModelLoadError(
             f"could not load the weights of '{name}' as safetensors ({exc}). lora-dpo never reads pickle weights "
