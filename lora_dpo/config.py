@@ -7,6 +7,7 @@ A recipe is a diff against the defaults below. Every section forbids unknown key
 
 from __future__ import annotations
 
+import codecs
 import difflib
 from pathlib import Path
 from typing import Any, Literal
@@ -72,8 +73,14 @@ class DataConfig(_Section):
     # Folder that relative image paths in the image columns are resolved against (default: the data file's
     # folder). A name that is not a file is also tried with .jpg/.jpeg/.png/.webp/.bmp/.gif/.tif/.tiff
     # appended, so Pick-a-Pic's uids work: pickapic_v2_no_images -> image_columns=[image_0_uid, image_1_uid],
-    # image_root=<folder of the images>.
+    # image_root=<folder of the images>. When set, no image file outside it is read: a path whose real path
+    # leaves it (`..`, an absolute path, `~`, a symlinked file or folder pointing elsewhere) skips its row
+    # (`image_outside_root`).
     image_root: str | None = None
+    # Text encoding of CSV / JSON / JSONL data files (and a w/ + l/ folder's metadata.jsonl), any Python codec
+    # name: e.g. latin-1 or cp1252 for files written by spreadsheet programs. A file that does not decode stops
+    # with the byte and its position.
+    encoding: str = "utf-8"
     resolution: int = Field(512, gt=0)
     random_crop: bool = False
     random_flip: bool = True
@@ -119,6 +126,16 @@ class DataConfig(_Section):
     unpaired: bool = False
     image_column: str = "image"
     desirable_column: str = "label"
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        try:
+            codecs.lookup(value)
+        except LookupError:
+            raise ValueError(f"data.encoding='{value}' is not a text encoding Python knows; set it to e.g. utf-8, "
+                             "latin-1 or cp1252") from None
+        return value
 
     @property
     def row_image_columns(self) -> tuple[str, ...]:
@@ -252,6 +269,10 @@ class TrainConfig(_Section):
     resume_from: str | None = None
     log_every: int = Field(1, gt=0)
     allow_tf32: bool = True
+    # A step whose gradient norm is NaN/Inf is skipped (no optimizer step, as fp16's loss scaler does); this many in
+    # a row stop the run (exit 1), its checkpoints kept. Under fp16 the loss scaler skips an overflow and halves its
+    # scale; only overflows at a scale <= 1 (NaN/Inf gradients unscaled) count.
+    stop_after_nonfinite_grads: int = Field(5, gt=0)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -379,7 +400,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     """Parse one ``section.key=value`` override; the value is read as YAML (``1e-5``, ``true``, ``[a, b]``).
 
     Raises:
-        ConfigError: the item has no ``=`` or no dotted key.
+        ConfigError: the item has no ``=`` or no dotted key, or its value is not YAML.
     """
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.max_steps=100)")
@@ -394,7 +415,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     raw = raw.strip()
     if raw.lower() in _YAML11_BOOLS:  # keep yes/no/on/off as text: pydantic reads them as bools where a bool is due
         return parts, raw
-    value = yaml.safe_load(raw) if raw else None
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(
+            f"override '{item}': the value is not valid YAML ({problem}); quote it for the shell, e.g. "
+            f"'{key}=\"{raw}\"' for a text, or write a list as [a, b]"
+        ) from None
     if isinstance(value, str):  # YAML 1.1 reads "1e-5" as a string; let pydantic coerce numbers
         value = raw
     return parts, value

@@ -13,14 +13,13 @@ import base64
 import hashlib
 from collections import Counter
 from collections.abc import Iterator, Mapping
-from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
 
 from lora_dpo.config import DataConfig
-from lora_dpo.data.images import MissingImage, image_conversions, image_digest, open_image
+from lora_dpo.data.images import ImageBase, MissingImage, image_conversions, image_digest, open_image
 
 
 class SkipCounter:
@@ -120,7 +119,7 @@ class RowScanner:
     (``datasets.map`` runs it in worker processes with ``data.num_proc``); called on a batch it returns the
     per-row results."""
 
-    def __init__(self, cfg: DataConfig, base: Path | None, column_names: list[str]) -> None:
+    def __init__(self, cfg: DataConfig, base: ImageBase | None, column_names: list[str]) -> None:
         self.cfg, self.base = cfg, base
         ad = cfg.are_different_column
         self.are_different = ad if ad is not None and ad in column_names else None
@@ -134,7 +133,8 @@ class RowScanner:
     def check(self, row: Mapping[str, Any]) -> tuple[str | None, list[str], int | None]:
         """``(skip reason or None, image conversions, duplicate key or None)``. Checks, first failing one
         wins: score gap, label (``bad_label``, ``tie``), ``not_different``, ``missing_caption``, the images'
-        headers (``missing_image``, ``missing_image_file``, ``undecodable_image``), then with hashing
+        headers (``missing_image``, ``missing_image_file``, ``image_outside_root``: a path leaving a confined
+        ``base``, never opened; ``undecodable_image``), then with hashing
         ``identical_images``. Header-only image check: ``Image.open`` + ``.size``. An unpaired row
         (``data.unpaired``) has one image, a binary label (``bad_label``) and no score gap or identical images;
         its duplicate key includes the label."""
@@ -166,7 +166,9 @@ class RowScanner:
             return None, conversions, None
         try:
             digests = [image_digest(value, self.base) for value in pair]
-        except Exception:  # the file went away or cannot be read
+        except MissingImage as exc:  # the file went away
+            return exc.reason, [], None
+        except Exception:  # the file cannot be read
             return "undecodable_image", [], None
         if cfg.drop_identical_images and digests[0] == digests[1]:
             return "identical_images", [], None

@@ -1,7 +1,8 @@
 """Image values -> PIL images: where an image's data is, opening, RGB conversion, resizing, digests.
 
 An image value is bytes, a datasets ``{"bytes", "path"}`` dict, a PIL image, or a path / uid (str) resolved
-against a base folder. :class:`MissingImage` marks a value that holds no image; any other failure to read one
+against a base folder (:class:`ImageBase`; under ``data.image_root`` no file outside it is read).
+:class:`MissingImage` marks a value that holds no image; any other failure to read one
 is the caller's ``undecodable_image``. Used by the load-time checks (:mod:`lora_dpo.data.filters`), the per-pair
 processing (:mod:`lora_dpo.data.pairs`) and the relabelling of preference sets (:mod:`lora_dpo.feedback.prefs`).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,35 +26,73 @@ _GRAY_MODES = {"1", "L", "I", "F"}
 
 
 class MissingImage(Exception):
-    """A row's image is absent: ``reason`` is ``missing_image`` (no value) or ``missing_image_file`` (a path
-    or uid that names no file)."""
+    """A row's image is absent: ``reason`` is ``missing_image`` (no value), ``missing_image_file`` (a path
+    or uid that names no file) or ``image_outside_root`` (a path that leaves a confined :class:`ImageBase`)."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def find_image_file(name: str, base: Path | None) -> Path | None:
-    """The file ``name`` names (relative names resolved against ``base``), else ``name`` + one of
-    :data:`IMAGE_SUFFIXES` (first found, in that order: Pick-a-Pic's uids carry no suffix), else None."""
-    path = Path(name).expanduser()
-    if base is not None and not path.is_absolute():
-        path = base / path
-    if path.is_file():
-        return path
-    for suffix in IMAGE_SUFFIXES:
-        candidate = path.with_name(path.name + suffix)
-        if candidate.is_file():
-            return candidate
-    return None
+@dataclass(frozen=True)
+class ImageBase:
+    """The folder that relative image paths and uids are resolved against. ``confined``: every image file must
+    lie inside it, its real path (``..``, an absolute path, ``~``, symlinked files and folders followed) compared
+    with the folder's real path; set for ``data.image_root`` and for a ``w/`` + ``l/`` pair folder."""
+
+    folder: Path
+    confined: bool = False
+    real: Path = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "real", self.folder.resolve())
+
+    def check(self, path: Path) -> None:
+        """Nothing when ``path`` may be read (unconfined, or its real path lies inside the folder).
+
+        Raises:
+            MissingImage: ``image_outside_root`` (the real path lies outside the folder) or ``missing_image_file``
+                (the path cannot be resolved: a symlink loop).
+        """
+        if not self.confined:
+            return
+        try:
+            inside = path.resolve().is_relative_to(self.real)
+        except (OSError, RuntimeError):  # a symlink loop: nothing to read there
+            raise MissingImage("missing_image_file") from None
+        if not inside:
+            raise MissingImage("image_outside_root")
 
 
-def image_source(value: Any, base: Path | None) -> bytes | Path | Image.Image:
-    """Where an image value's data is: bytes, a file, or an open PIL image. A value is bytes, a datasets
-    ``{"bytes", "path"}`` dict, a PIL image, or a path / uid (str).
+def find_image_file(name: str, base: ImageBase | None) -> Path | None:
+    """The file ``name`` names (relative names resolved against ``base.folder``), else ``name`` + one of
+    :data:`IMAGE_SUFFIXES` (first found, in that order: Pick-a-Pic's uids carry no suffix), else None. With a
+    confined ``base`` the name and the file found are checked (:meth:`ImageBase.check`) before anything is
+    read: a file outside the folder is never opened.
 
     Raises:
-        MissingImage: no value (None, empty, NaN from a CSV cell) or a path that names no file.
+        MissingImage: ``image_outside_root``: ``base`` is confined and the name or the file found lies outside it.
+    """
+    path = Path(name).expanduser()
+    if base is not None:
+        path = path if path.is_absolute() else base.folder / path
+        base.check(path)
+    if not path.name:
+        return None
+    candidates = [path, *(path.with_name(path.name + suffix) for suffix in IMAGE_SUFFIXES)]
+    found = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if found is not None and base is not None:
+        base.check(found)  # a symlinked file (or the uid's suffixed file) may point elsewhere
+    return found
+
+
+def image_source(value: Any, base: ImageBase | None) -> bytes | Path | Image.Image:
+    """Where an image value's data is: bytes, a file, or an open PIL image. A value is bytes, a datasets
+    ``{"bytes", "path"}`` dict, a PIL image, or a path / uid (str, found by :func:`find_image_file`).
+
+    Raises:
+        MissingImage: no value (None, empty, NaN from a CSV cell), a path that names no file, or one outside a
+            confined ``base`` (``image_outside_root``).
         TypeError: any other kind of value.
     """
     if isinstance(value, Image.Image):
@@ -75,18 +115,19 @@ def image_source(value: Any, base: Path | None) -> bytes | Path | Image.Image:
     raise TypeError(f"unsupported image value of type {type(value).__name__}")
 
 
-def open_image(value: Any, base: Path | None = None) -> Image.Image:
+def open_image(value: Any, base: ImageBase | None = None) -> Image.Image:
     """Open lazily (header only) an image value (see :func:`image_source`; relative paths resolved against
-    ``base``). Raises :class:`MissingImage` when there is no image, OSError etc. when the data is not an
-    image."""
+    ``base``). Raises :class:`MissingImage` when there is no image (or it lies outside a confined ``base``),
+    OSError etc. when the data is not an image."""
     source = image_source(value, base)
     if isinstance(source, Image.Image):
         return source
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
-def image_digest(value: Any, base: Path | None = None) -> bytes:
-    """sha1 of the image's stored bytes (the file's bytes for a path; the pixels for a PIL image)."""
+def image_digest(value: Any, base: ImageBase | None = None) -> bytes:
+    """sha1 of the image's stored bytes (the file's bytes for a path; the pixels for a PIL image). Raises as
+    :func:`image_source`, OSError when the file cannot be read."""
     source = image_source(value, base)
     if isinstance(source, Image.Image):
         data = source.mode.encode() + repr(source.size).encode() + source.tobytes()

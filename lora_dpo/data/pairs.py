@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -22,7 +21,7 @@ import torch
 from lora_dpo.config import DataConfig
 from lora_dpo.data.draws import TRAIN_SALT, draw_seed
 from lora_dpo.data.filters import desirable, row_images
-from lora_dpo.data.images import MissingImage, open_image, resize_short_side, to_rgb
+from lora_dpo.data.images import ImageBase, MissingImage, open_image, resize_short_side, to_rgb
 from lora_dpo.data.sources import check_columns, undecoded
 
 # Salt of the per-item random stream (apart from the sampler's, lora_dpo.data.loader._SAMPLER_SALT).
@@ -72,9 +71,10 @@ class PairDataset(torch.utils.data.Dataset):
 
 
 def make_example(row: Mapping[str, Any], cfg: DataConfig, seed: int, epoch: int, index: int,
-                  base: Path | None = None) -> dict[str, Any] | SkippedRow:
+                  base: ImageBase | None = None) -> dict[str, Any] | SkippedRow:
     """One row -> the example of :class:`PairDataset` (its docstring gives the format and the draws), or a
-    :class:`SkippedRow`. ``index`` keys the per-pair draw; ``base`` resolves relative image paths.
+    :class:`SkippedRow`. ``index`` keys the per-pair draw; ``base`` resolves relative image paths
+    (a confined one refuses paths outside it: ``image_outside_root``).
 
     An unpaired row (``cfg.unpaired``, :class:`lora_dpo.data.unpaired.LabeledImages`) gives the same keys for its one
     image (``pixel_values`` ``(1, 3, R, R)``, ``original_size`` and ``crop_top_left`` ``(1, 2)``) plus ``desirable``

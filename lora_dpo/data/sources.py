@@ -3,28 +3,44 @@
 :func:`open_checked` opens ``data.dataset`` (hub id, files, globs, folders, ``save_to_disk`` folders, ``w/`` +
 ``l/`` pair folders), maps other layouts into the configured columns, checks the columns and leaves image
 columns undecoded; :func:`load_preference_dataset` runs the load-time checks of :mod:`lora_dpo.data.filters` over
-it and returns the kept rows.
+it and returns the kept rows. A data set that cannot be read as a whole (no rows, a text file in another encoding
+than ``data.encoding``, a file that is not what its suffix says) raises one :class:`lora_dpo.errors.DataError`
+naming the file, also when a stream meets it later (:func:`read_rows`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import glob
 import json
 import logging
 import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 
 from lora_dpo.config import DataConfig
+from lora_dpo.data.files import (
+    BUILDERS,
+    TEXT_BUILDERS,
+    file_problem,
+    no_rows_error,
+    read_failure,
+    read_text,
+)
 from lora_dpo.data.filters import Admission, RowScanner, scan_rows
-from lora_dpo.data.images import IMAGE_SUFFIXES, find_image_file
+from lora_dpo.data.images import IMAGE_SUFFIXES, ImageBase, MissingImage, find_image_file
+from lora_dpo.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+# What reading a data file that is not what its suffix says raises (datasets, pyarrow, pandas, json, codecs):
+# translated into a DataError naming the file (:func:`read_failure`).
+_READ_ERRORS = (datasets.exceptions.DatasetGenerationError, pa.ArrowException, ValueError, StopIteration)
 # Hub-style shard names (``push_to_hub``, Pick-a-Pic's ``data/train-00000-of-00645-….parquet``): SPLIT-i-of-n.
 _SHARD_NAME = re.compile(r"^(?P<split>[A-Za-z][A-Za-z0-9_]*)-\d+-of-\d+")
 # The convention of pair tables without a label: the preferred and the rejected image, in these columns.
@@ -86,23 +102,66 @@ def _check_optional_columns(column_names: list[str], cfg: DataConfig) -> None:
         )
 
 
-def _image_root(cfg: DataConfig) -> Path | None:
+def _image_root(cfg: DataConfig) -> ImageBase | None:
+    """``data.image_root`` as a confined :class:`ImageBase` (no image file outside it is read), or None."""
     if cfg.image_root is None:
         return None
     root = Path(cfg.image_root).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"data.image_root='{cfg.image_root}' is not a folder; set it to the folder "
                                 f"that holds the image files named in the image columns")
-    return root
+    return ImageBase(root, confined=True)
 
 
 def _is_glob(name: str) -> bool:
     return any(ch in name for ch in "*?[")
 
 
+@contextlib.contextmanager
+def _read_errors(cfg: DataConfig, files: list[Path] | None = None) -> Iterator[None]:
+    """Errors of reading the data (:data:`_READ_ERRORS`) -> a DataError naming the file (:func:`read_failure`;
+    ``files`` default: the data set's local files, listed again)."""
+    try:
+        yield
+    except DataError:
+        raise
+    except _READ_ERRORS as exc:
+        raise read_failure(exc, _files_of(cfg) if files is None else files, cfg) from exc
+
+
+_END = object()
+
+
+def read_rows(rows: Iterable[Any], cfg: DataConfig) -> Iterator[Any]:
+    """The items of ``rows`` (an ``IterableDataset`` of ``cfg.dataset``, or its ``.iter(batch_size)``), each
+    read under :func:`_read_errors`: a file that turns out empty, undecodable in ``data.encoding`` or not what its
+    suffix says mid-stream raises a DataError naming it, not a reader's traceback.
+
+    Raises:
+        DataError: a data file cannot be read (the message names it and what to do).
+    """
+    iterator = iter(rows)
+    while True:
+        with _read_errors(cfg):
+            row = next(iterator, _END)
+        if row is _END:
+            return
+        yield row
+
+
 def _load_files(files: list[Path], cfg: DataConfig, streaming: bool) -> Any:
-    """``load_dataset(builder, data_files=files)``: a ``Dataset`` (an ``IterableDataset`` when streaming)."""
-    builders = {_BUILDERS.get(p.suffix) for p in files}
+    """``load_dataset(builder, data_files=files)``: a ``Dataset`` (an ``IterableDataset`` when streaming;
+    its first row read here, so an unreadable first file fails now). CSV / JSON are read with
+    ``data.encoding``. Files are checked first (:func:`file_problem`: all of it in memory, only emptiness when
+    streaming).
+
+    Raises:
+        FileNotFoundError: no data files, or files of no supported suffix.
+        ValueError: files of several kinds.
+        DataError: a file (or the whole set) has no rows, is not valid ``data.encoding`` text, or is not what
+            its suffix says.
+    """
+    builders = {BUILDERS.get(p.suffix) for p in files}
     if not files or None in builders:
         raise FileNotFoundError(
             f"data.dataset='{cfg.dataset}' holds no .parquet/.arrow/.json/.jsonl/.csv data; point "
@@ -111,8 +170,19 @@ def _load_files(files: list[Path], cfg: DataConfig, streaming: bool) -> Any:
     if len(builders) > 1:
         raise ValueError(f"'{cfg.dataset}' mixes file types ({sorted(builders)}); point data.dataset at one "
                          f"kind")
-    return datasets.load_dataset(builders.pop(), data_files=[str(p) for p in files], split="train",
-                                 cache_dir=cfg.cache_dir, streaming=streaming)
+    for path in files:  # streaming: only what a stat tells (the files may be many and large)
+        problem = file_problem(path, cfg, len(files) > 1, footer=not streaming, text=not streaming)
+        if problem is not None:
+            raise problem
+    builder = builders.pop()
+    options = {"encoding": cfg.encoding} if builder in TEXT_BUILDERS else {}
+    with _read_errors(cfg, files):
+        loaded = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train",
+                                       cache_dir=cfg.cache_dir, streaming=streaming, **options)
+        empty = next(iter(loaded), None) is None if streaming else len(loaded) == 0
+    if empty:
+        raise no_rows_error(cfg)
+    return loaded
 
 
 def _split_files(files: list[Path], folder: Path, split: str) -> list[Path]:
@@ -150,7 +220,7 @@ def _pair_folder(root: Path, cfg: DataConfig) -> datasets.Dataset:
                                 f"per pair: {example}")
     captions: dict[str, Any] = {}
     keys: set[str] = set()
-    for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(read_text(meta, cfg.encoding).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -184,21 +254,55 @@ def _pair_folder(root: Path, cfg: DataConfig) -> datasets.Dataset:
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def _open_source(cfg: DataConfig, streaming: bool = False) -> tuple[Any, Path | None]:
+def _files_of(cfg: DataConfig) -> list[Path]:
+    """The local data files ``cfg.dataset`` names: a glob's files, a file, a folder's files (hidden ones
+    excepted; hub-style shards of ``cfg.split``, :func:`_split_files`); [] for anything else (a hub id, a
+    ``save_to_disk`` or ``w/`` + ``l/`` folder)."""
+    path = Path(cfg.dataset).expanduser()
+    if _is_glob(cfg.dataset):
+        return sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+    if path.is_file():
+        return [path]
+    if not path.is_dir() or _is_pair_folder(path) or _is_saved(path):
+        return []
+    return _split_files(sorted(
+        p for p in path.rglob("*")
+        if p.suffix in BUILDERS and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)
+    ), path, cfg.split)
+
+
+def _is_pair_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "w").is_dir() and (path / "l").is_dir()
+
+
+def _is_saved(path: Path) -> bool:
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
+def _in_memory(ds: datasets.Dataset, cfg: DataConfig, streaming: bool) -> Any:
+    """A loaded ``Dataset`` (as an ``IterableDataset`` when ``streaming``). Raises DataError when it has no rows."""
+    if len(ds) == 0:
+        raise no_rows_error(cfg)
+    return ds.to_iterable_dataset() if streaming else ds
+
+
+def _open_source(cfg: DataConfig, streaming: bool = False) -> tuple[Any, ImageBase | None]:
     """Open ``cfg.dataset`` (see :func:`load_preference_dataset`) as a ``Dataset``, or an ``IterableDataset``
-    when ``streaming``. Returns it and the folder relative image paths are resolved against:
-    ``data.image_root``, else the data's folder (None for hub data)."""
+    when ``streaming``. Returns it and the base that relative image paths are resolved against:
+    ``data.image_root`` (confined: no image outside it is read), else the data's folder (None for hub data); a
+    ``w/`` + ``l/`` pair folder: that folder, confined."""
     name = cfg.dataset
     path = Path(name).expanduser()
     root = _image_root(cfg)
     if _is_glob(name):
-        files = sorted(Path(f) for f in glob.glob(str(path), recursive=True) if Path(f).is_file())
+        files = _files_of(cfg)
         if not files:
             raise FileNotFoundError(f"data.dataset='{name}' matches no file; check the pattern (e.g. "
                                     f"/data/pickapic/train-*.parquet)")
         fixed = path.parts[: next(i for i, part in enumerate(path.parts) if _is_glob(part))]  # folders above
-        return _load_files(files, cfg, streaming), root or (Path(*fixed) if fixed else Path.cwd())
-    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.suffix in _BUILDERS
+        return _load_files(files, cfg, streaming), root or ImageBase(Path(*fixed) if fixed else Path.cwd())
+    looks_local = path.is_absolute() or name.startswith((".", "~")) or path.suffix in BUILDERS
     if not path.exists():
         if looks_local or name.count("/") > 1:
             raise FileNotFoundError(
@@ -217,26 +321,18 @@ def _open_source(cfg: DataConfig, streaming: bool = False) -> tuple[Any, Path | 
                 f"dataset --local-dir DIR`) and set data.dataset=DIR or a glob such as "
                 f"'DIR/data/train-*.parquet'"
             ) from exc
-        return loaded, root
-    if path.is_dir() and (path / "w").is_dir() and (path / "l").is_dir():
-        pairs = _pair_folder(path, cfg)
-        return (pairs.to_iterable_dataset() if streaming else pairs), root or path
-    if path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+        return (loaded if streaming else _in_memory(loaded, cfg, streaming)), root
+    if _is_pair_folder(path):  # its own folder, confined: a symlink in w/ or l/ reads nothing outside it
+        return _in_memory(_pair_folder(path, cfg), cfg, streaming), ImageBase(path, confined=True)
+    if _is_saved(path):
         loaded = datasets.load_from_disk(str(path))
         if isinstance(loaded, datasets.DatasetDict):
             if cfg.split not in loaded:
                 raise ValueError(f"'{name}' has splits {list(loaded)}, not data.split='{cfg.split}'")
             loaded = loaded[cfg.split]
-        return (loaded.to_iterable_dataset() if streaming else loaded), root or path
-    if path.is_file():
-        files = [path]
-    else:
-        files = _split_files(sorted(
-            p for p in path.rglob("*")
-            if p.suffix in _BUILDERS and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(path).parts)
-        ), path, cfg.split)
-    return _load_files(files, cfg, streaming), root or (path if path.is_dir() else path.parent)
+        return _in_memory(loaded, cfg, streaming), root or ImageBase(path)
+    files = _files_of(cfg)
+    return _load_files(files, cfg, streaming), root or ImageBase(path if path.is_dir() else path.parent)
 
 
 def _column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -288,20 +384,44 @@ def _check_supported(cfg: DataConfig) -> None:
                          "data.drop_ties=true")
 
 
-def open_checked(cfg: DataConfig, streaming: bool) -> tuple[Any, Path | None, RowScanner]:
+def open_checked(cfg: DataConfig, streaming: bool) -> tuple[Any, ImageBase | None, RowScanner]:
     """Open the source, map its layout into the Pick-a-Pic schema, check the columns; returns the source (only
-    the columns the checks read, images undecoded), the image base folder and the row checks."""
+    the columns the checks read, images undecoded), the image base (:class:`lora_dpo.data.images.ImageBase`) and
+    the row checks. A stream's rows are read with :func:`read_rows`.
+
+    Raises:
+        FileNotFoundError, ValueError, DataError: as :func:`load_preference_dataset`.
+    """
     _check_supported(cfg)
     source, base = _open_source(cfg, streaming)
-    source, names = _map_pair_columns(source, _column_names(source), cfg)
+    with _read_errors(cfg):
+        names = _column_names(source)
+    source, names = _map_pair_columns(source, names, cfg)
     check_columns(names, cfg, cfg.dataset)
     _check_optional_columns(names, cfg)
     return undecoded(source, cfg.row_image_columns), base, RowScanner(cfg, base, names)
 
 
-def _resolved_path(value: Any, base: Path | None) -> Any:
-    found = find_image_file(value, base) if isinstance(value, str) and value.strip() else None
+def _resolved_path(value: Any, base: ImageBase | None) -> Any:
+    """A kept row's path or uid -> the absolute path of its file (already checked: inside a confined base); a value
+    that no longer resolves stays as it was (the per-pair processing then skips it)."""
+    try:
+        found = find_image_file(value, base) if isinstance(value, str) and value.strip() else None
+    except MissingImage:  # changed on disk since the checks
+        return value
     return str(found.absolute()) if found is not None else value
+
+
+def _nothing_kept(cfg: DataConfig, report: dict[str, Any], base: ImageBase | None) -> DataError:
+    """The error of a data set whose every row was skipped: the counts, and where image paths are looked up."""
+    hint, folder = "", base.folder if base is not None else "the working directory"
+    if report["skipped"].get("missing_image_file"):
+        hint = f". Image paths are resolved against data.image_root, else the data's folder ({folder})"
+    if report["skipped"].get("image_outside_root"):
+        hint += (f". Image files must lie inside {folder} (data.image_root, or the w/ + l/ folder; symlinks "
+                 f"followed): point data.image_root at the folder that holds them")
+    return DataError(f"no usable {'labeled images' if cfg.unpaired else 'preference pairs'} in "
+                     f"data.dataset='{cfg.dataset}': {report}{hint}")
 
 
 def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str, Any]]:
@@ -322,13 +442,17 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
     ``data.label_column=null`` (the first image column is the preferred one). Image columns hold bytes,
     datasets images, or paths: relative paths (and Pick-a-Pic's uids, which name a file once a suffix such as
     ``.jpg`` is appended) are resolved against ``cfg.image_root``, else the data file's folder (or the given
-    folder), and returned absolute. Image-feature columns are returned with ``decode=False`` so
+    folder), and returned absolute. Under ``cfg.image_root`` (and in a ``w/`` + ``l/`` folder) a path whose
+    real path leaves that folder (``..``, absolute, ``~``, a symlinked file or folder pointing elsewhere) is
+    never read: the row is skipped as ``image_outside_root``. CSV and JSON files are read as ``cfg.encoding``
+    text. Image-feature columns are returned with ``decode=False`` so
     :class:`lora_dpo.data.pairs.PairDataset` decodes them. Hub data needs ``cfg.image_root`` for path columns
     (``pickapic_v2_no_images``: ``image_columns=[image_0_uid, image_1_uid]``).
 
     Rows are skipped, counted by reason: ``bad_label`` (label not in {0, 0.5, 1}), ``tie`` (0.5),
     ``not_different`` (the ``cfg.are_different_column`` is false), ``missing_caption`` (None / not a string),
-    ``missing_image`` (no value), ``missing_image_file`` (a path that names no file), ``undecodable_image``
+    ``missing_image`` (no value), ``missing_image_file`` (a path that names no file), ``image_outside_root``
+    (a path outside ``cfg.image_root``), ``undecodable_image``
     (header does not open); with ``cfg.min_score_gap``: ``missing_score``, ``small_score_gap`` (``|score_0 -
     score_1| < min_score_gap``); with ``cfg.drop_identical_images``: ``identical_images`` (the two images'
     bytes are equal); with ``cfg.drop_duplicates``: ``duplicate`` (same caption, preferred and rejected image
@@ -346,7 +470,10 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
             hub id cannot be loaded (offline: the message says how to use a local copy).
         ValueError: a required column is missing (names it, the available ones and the DataConfig field),
             ``cfg.drop_ties`` is False (unsupported), ``cfg.streaming`` is True (use
-            :class:`lora_dpo.data.streaming.StreamedPairs`), or no row survives the checks.
+            :class:`lora_dpo.data.streaming.StreamedPairs`).
+        DataError (a ValueError): the data set (or one of its files) has no rows, a CSV / JSON file is not valid
+            ``cfg.encoding`` text (the message names the byte, its position, ``data.encoding`` and ``iconv``), a
+            file is not what its suffix says (unreadable parquet, CSV, JSON), or no row survives the checks.
     """
     if cfg.streaming:
         raise ValueError("data.streaming=true reads the data as a stream: use lora_dpo.data.loader.StreamedPairs "
@@ -362,12 +489,7 @@ def load_preference_dataset(cfg: DataConfig) -> tuple[datasets.Dataset, dict[str
     logger.info("data %s: %d rows, %d scanned, %d kept, skipped %s, converted %s", cfg.dataset, len(raw),
                 report["scanned"], len(kept), report["skipped"], report["converted"])
     if not kept:
-        hint = ""
-        if report["skipped"].get("missing_image_file"):
-            hint = (f". Image paths are resolved against data.image_root, else the data's folder "
-                    f"({base if base is not None else 'the working directory'})")
-        raise ValueError(f"no usable {'labeled images' if cfg.unpaired else 'preference pairs'} in "
-                         f"data.dataset='{cfg.dataset}': {report}{hint}")
+        raise _nothing_kept(cfg, report, base)
     dataset = raw.select(kept)
     for col in cfg.row_image_columns:
         if dataset.features[col] in (datasets.Value("string"), datasets.Value("large_string")):

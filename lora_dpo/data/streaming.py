@@ -21,7 +21,7 @@ from datasets.distributed import split_dataset_by_node
 from lora_dpo.config import DataConfig
 from lora_dpo.data.filters import Admission
 from lora_dpo.data.pairs import PairBatch, SkippedRow, collate_pairs, make_example
-from lora_dpo.data.sources import open_checked
+from lora_dpo.data.sources import open_checked, read_rows
 
 
 class StreamedPairs:
@@ -59,8 +59,9 @@ class StreamedPairs:
     same data, ``num_replicas``, ``rank``, ``seed`` and ``shuffle_buffer``; rows held in the shuffle buffer at
     the checkpoint are lost for that epoch (datasets' documented limit; ``shuffle_buffer=0`` resumes exactly).
 
-    Raises (on construction): as :func:`load_preference_dataset` for the source and its columns; ValueError
-    for a rank outside ``[0, num_replicas)``.
+    Raises (on construction): as :func:`load_preference_dataset` for the source and its columns (its first
+    row is read: an empty or unreadable first file raises DataError now); ValueError for a rank outside
+    ``[0, num_replicas)``. While iterating: DataError for a data file that cannot be read (names it).
     """
 
     def __init__(self, cfg: DataConfig, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
@@ -82,7 +83,7 @@ class StreamedPairs:
         epoch = self.epoch
         self.source.set_epoch(epoch)  # datasets reshuffles per epoch and resumes only within the saved one
         if not self._done():
-            for row in self.source:
+            for row in read_rows(self.source, self.cfg):  # an unreadable file: a DataError naming it
                 if not self._admission.admit(*self._scanner.check(row)):
                     continue
                 index = (self._admission.kept - 1) * self.num_replicas + self.rank

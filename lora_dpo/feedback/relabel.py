@@ -24,8 +24,8 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from lora_dpo.config import DataConfig
-from lora_dpo.data.images import MissingImage, image_source, to_rgb
-from lora_dpo.data.sources import open_checked, undecoded
+from lora_dpo.data.images import ImageBase, MissingImage, image_source, to_rgb
+from lora_dpo.data.sources import open_checked, read_rows, undecoded
 from lora_dpo.feedback.prefs import atomic_path, labels_from_scores, png_bytes
 from lora_dpo.feedback.scorers import Scorer
 
@@ -34,20 +34,22 @@ logger = logging.getLogger(__name__)
 RELABEL_REPORT_SUFFIX = ".report.json"
 
 
-def _open_pairs(cfg: Any) -> tuple[Any, Path | None]:
+def _open_pairs(cfg: Any) -> tuple[Any, ImageBase | None]:
     """``cfg.dataset`` opened as a stream by the data's own opener (the layouts, globs, hub ids, pair folders,
     ``image_root`` and column mapping of :func:`lora_dpo.data.sources.load_preference_dataset`), columns checked,
-    every image-feature column left undecoded. Returns the ``IterableDataset`` and the image base folder."""
+    every image-feature column left undecoded. Returns the ``IterableDataset`` and the image base (confined to
+    ``image_root`` when given)."""
     source, base, _ = open_checked(cfg, streaming=True)
     if source.features is not None:
         source = undecoded(source, [c for c, f in source.features.items() if isinstance(f, datasets.Image)])
     return source, base
 
 
-def _image_bytes(value: Any, base: Path | None) -> bytes:
+def _image_bytes(value: Any, base: ImageBase | None) -> bytes:
     """The encoded bytes of an image value (bytes, a datasets ``{"bytes", "path"}`` dict, a path or uid resolved
     as the data module does, a PIL image: PNG). Raises :class:`lora_dpo.data.images.MissingImage` (``.reason``) when
-    there is no image, other exceptions when the value cannot be read."""
+    there is no image or it lies outside a confined ``base`` (``image_outside_root``, never read), other exceptions
+    when the value cannot be read."""
     source = image_source(value, base)
     if isinstance(source, Image.Image):
         return png_bytes(source)
@@ -192,7 +194,7 @@ class _Tally:
         }
 
 
-def _decode_rows(batch: dict[str, list], columns: _Columns, base: Path | None,
+def _decode_rows(batch: dict[str, list], columns: _Columns, base: ImageBase | None,
                  skipped: Counter[str]) -> tuple[list[int], list[list[bytes]], list[Image.Image]]:
     """The rows of ``batch`` with a caption and two readable images: their indices, their images' encoded bytes
     and the decoded images (two per row, in order). Other rows are counted into ``skipped``, never raised."""
@@ -204,7 +206,7 @@ def _decode_rows(batch: dict[str, list], columns: _Columns, base: Path | None,
         try:
             data = [_image_bytes(batch[c][i], base) for c in columns.images]
             decoded = [_decode_rgb(d) for d in data]
-        except MissingImage as exc:  # no image: missing_image / missing_image_file
+        except MissingImage as exc:  # no image: missing_image / missing_image_file / image_outside_root
             skipped[exc.reason] += 1
             continue
         except Exception:  # data that does not read or decode: skip the row, never raise
@@ -230,7 +232,7 @@ def _score_rows(scorer: Scorer, name: str, prompts: list[str], images: list[Imag
 
 
 def _relabel_batch(batch: dict[str, list], columns: _Columns, tally: _Tally, scorer: Scorer, name: str, *,
-                   base: Path | None, tie_margin: float, dataset: str | Path) -> pa.Table | None:
+                   base: ImageBase | None, tie_margin: float, dataset: str | Path) -> pa.Table | None:
     """One input batch relabelled: the table of its rows that could be scored (None when none could), counted
     into ``tally``."""
     tally.rows += len(batch[columns.caption])
@@ -257,12 +259,13 @@ def _relabel_batch(batch: dict[str, list], columns: _Columns, tally: _Tally, sco
 
 
 def _write_relabelled(source: Any, path: Path, columns: _Columns, tally: _Tally, scorer: Scorer, name: str, *,
-                      base: Path | None, tie_margin: float, batch_size: int, dataset: str | Path) -> None:
+                      base: ImageBase | None, tie_margin: float, batch_size: int, cfg: DataConfig) -> None:
     """Relabel ``source`` ``batch_size`` rows at a time and append each batch's table to the parquet ``path``
-    (created with the first table; nothing is written when no row can be scored)."""
-    writer = None
+    (created with the first table; nothing is written when no row can be scored). Raises DataError when a data
+    file cannot be read (:func:`lora_dpo.data.sources.read_rows`)."""
+    writer, dataset = None, cfg.dataset
     try:
-        for batch in source.iter(batch_size=batch_size):
+        for batch in read_rows(source.iter(batch_size=batch_size), cfg):
             table = _relabel_batch(batch, columns, tally, scorer, name, base=base, tie_margin=tie_margin,
                                    dataset=dataset)
             if table is None:
@@ -292,7 +295,7 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
             ``score_1 > score_0 + tie_margin``, else 0.5 (:func:`labels_from_scores`).
         batch_size: pairs decoded and scored at a time.
         data_options: other :class:`lora_dpo.config.DataConfig` fields: ``split``, ``image_root``, column names
-            (``caption_column``, ``image_columns``, ``label_column``, ``score_columns``), ``cache_dir``.
+            (``caption_column``, ``image_columns``, ``label_column``, ``score_columns``), ``cache_dir``, ``encoding``.
 
     Every row that can be scored is written, ties (old or new) included, with all of its columns. The image
     columns become binary columns holding each image's original encoded bytes (read from the file for paths;
@@ -301,7 +304,8 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
     when not a number). When the input already has ``label_0_original`` (a relabelled set) that column is kept,
     and it is the "original" below. (Column names follow ``data_options``: ``<label_column>_original``.)
     Rows that cannot be scored are skipped and counted, never raised: ``missing_caption`` (not a string),
-    ``missing_image`` / ``missing_image_file`` (no value / a path that names no file), ``undecodable_image``
+    ``missing_image`` / ``missing_image_file`` (no value / a path that names no file), ``image_outside_root`` (a
+    path outside ``image_root``, never read), ``undecodable_image``
     (images are fully decoded, so truncated files count too), ``nonfinite_score``.
 
     Returns:
@@ -319,6 +323,8 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
             inside) the input, no row can be scored, the scorer returns the wrong number of scores, or a column
             of an input without a typed schema (JSON / CSV) changes type between batches.
         FileNotFoundError: the data set does not exist.
+        DataError: the data set has no rows or a file cannot be read (not valid ``encoding`` text, not what its
+            suffix says); the message names the file.
     """
     if not np.isfinite(tie_margin) or tie_margin < 0:
         raise ValueError(f"tie_margin must be a finite number >= 0, got {tie_margin}")
@@ -336,7 +342,7 @@ def relabel_preference_set(dataset: str | Path, scorer: Scorer, out_path: str | 
     tally = _Tally()
     with atomic_path(out_path) as tmp:
         _write_relabelled(source, tmp, columns, tally, scorer, name, base=base, tie_margin=tie_margin,
-                          batch_size=batch_size, dataset=dataset)
+                          batch_size=batch_size, cfg=cfg)
         tally.skipped = Counter({k: v for k, v in tally.skipped.items() if v})
         if not tally.written:
             raise ValueError(f"no row of '{dataset}' could be scored ({tally.rows} rows, skipped {dict(tally.skipped)})")
