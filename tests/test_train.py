@@ -23,6 +23,7 @@ from lora_dpo.config import LossConfig, load_config
 from lora_dpo.models.adapters import adapters_disabled, add_lora, load_lora_state_dict
 from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.loading import load_components
+from lora_dpo.training import checkpoint as ckpt
 from lora_dpo.training.recipe import train
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -180,17 +181,21 @@ def test_adamw8bit_trains(tiny_sd15, photo_pairs, tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_sd15, photo_pairs, tmp_path, capsys):
+    # warm-up from lr 0: step 1 leaves the weights as they are, step 2 throws them to ~1e29, step 3's loss is NaN
     out = tmp_path / "run"
     code = main(["train", str(ROOT / "recipes/sd15/lora_dpo.yaml"),
                  *_args(tiny_sd15, photo_pairs, out, "optim.lr=1e30", "optim.max_grad_norm=null",
-                        "train.max_steps=6", "train.checkpoint_every=1")])
+                        "optim.lr_scheduler=constant_with_warmup", "optim.lr_warmup_steps=10",
+                        "train.max_steps=10", "train.checkpoint_every=1")])
     assert code == 1
     err = capsys.readouterr().err
-    assert "training stopped. Last good checkpoint" in err
-    kept = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step_"))
-    assert kept and not (out / "pytorch_lora_weights.safetensors").exists()
-    last = load_file(out / "checkpoints" / kept[-1] / "trainable_weights.safetensors")
-    assert all(torch.isfinite(v).all() for v in last.values())
+    assert "at step 3" in err and f"Last good checkpoint: {out / 'checkpoints/step_1'}" in err
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_1"]
+    assert ckpt.resolve_resume("latest", out) == out / "checkpoints/step_1"
+    assert (out / "checkpoints/rejected-step_2/REJECTED.txt").is_file()
+    assert not (out / "pytorch_lora_weights.safetensors").exists()
+    last = load_file(out / "checkpoints/step_1/trainable_weights.safetensors")
+    assert all(torch.isfinite(v).all() and v.abs().max() < 1e3 for v in last.values())
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(tiny_sd15, photo_pairs, tmp_path):

@@ -109,6 +109,15 @@ def card_front_matter(base: str, family: str, relation: str, datasets: list[str]
     return f"---\n{data.to_yaml()}\n---\n"
 
 
+def _never_moved_warning(final_metrics: dict[str, Any]) -> str:
+    """A warning paragraph for the card when the trainable weights never moved (``diagnostics/weights_moved`` 0)."""
+    if final_metrics.get("diagnostics/weights_moved", 1.0):
+        return ""
+    return ("\n**Warning: the trainable weights never moved during this run**: every optimizer step was skipped "
+            "or changed nothing (see `grad_norm` in `metrics.jsonl`), so this is the starting model. Lower "
+            "`loss.beta` or `optim.lr`, or check the data.\n")
+
+
 def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
     """A Hugging Face model card ``README.md`` for the run folder: front matter (:func:`card_front_matter`), base
     model, data, recipe, final metrics, and how to load the result."""
@@ -143,7 +152,7 @@ def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[
   × {cfg.train.gradient_accumulation_steps} accumulation; optimizer `{cfg.optim.name}`, lr {cfg.optim.lr}
 - Final metrics: `{json.dumps(shown)}`
 - Full recipe: `recipe.yaml`; per-step metrics: `metrics.jsonl`
-
+{_never_moved_warning(final_metrics)}
 ## Use
 
 ```python

@@ -40,6 +40,7 @@ from lora_dpo.models.loading import (
     predict,
     unet_conditioning,
 )
+from lora_dpo.training.run_folder import LOCK_FILE, RunLock
 from lora_dpo.training.setup import setup_policy
 from lora_dpo.training.steps import noised_latents
 
@@ -73,6 +74,7 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
     Raises:
         ValueError: a recipe a cache cannot serve (random crops, KTO; caption dropout or SFT with ``reference_draws``),
             or ``out`` holds a cache built with another key (pass ``overwrite``).
+        RunFolderLocked: another process is building into ``out`` (:class:`lora_dpo.training.run_folder.RunLock`).
     """
     _check_cacheable(cfg, reference_draws)
     weight_dtype = DTYPES[cfg.train.mixed_precision]
@@ -80,47 +82,55 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
     stream, dataset, report, data_cfg = _open_pairs(cfg)
-    unet_dtype = torch.float32 if cfg.train.mode == "full" else None  # as training loads it (the reference's source)
-    components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype, unet=bool(reference_draws))
-    vae_dtype = next(components.vae.parameters()).dtype
-    storage_dtype = storage_dtype or str(vae_dtype).removeprefix("torch.")
-    key = cache_key(cfg, reference_draws, storage_dtype)
-    manifest = _previous_manifest(out, key, overwrite)
-    if manifest is not None and manifest.get("complete"):
-        log.info("cache %s is complete (%d pairs)", out, manifest["pairs"])
+    with RunLock(out, command="cache"):  # one build per cache folder, taken before any model loads
+        # as training loads it (the reference's source)
+        unet_dtype = torch.float32 if cfg.train.mode == "full" else None
+        components = load_components(cfg.model, weight_dtype, device, unet_dtype=unet_dtype,
+                                     unet=bool(reference_draws))
+        vae_dtype = next(components.vae.parameters()).dtype
+        storage_dtype = storage_dtype or str(vae_dtype).removeprefix("torch.")
+        key = cache_key(cfg, reference_draws, storage_dtype)
+        manifest = _previous_manifest(out, key, overwrite)
+        if manifest is not None and manifest.get("complete"):
+            log.info("cache %s is complete (%d pairs)", out, manifest["pairs"])
+            return manifest
+        out.mkdir(parents=True, exist_ok=True)
+        policy = None
+        if reference_draws:
+            # in train mode, as in training (CPU kernels differ)
+            _, policy, _ = setup_policy(cfg, device, components)
+        empty = {k: v.float().cpu().contiguous() for k, v in encode_prompts(components, [""]).items()}
+        save_file({k: v[0] for k, v in empty.items()}, str(out / EMPTY_CAPTION))
+        manifest = manifest or {
+            "key": key, "complete": False, "pairs": len(dataset) if dataset is not None else None,
+            "pairs_done": 0,
+            "shards": [], "text_shards": [], "skipped": {}, "data_report": report,
+            "scaling_factor": components.latent_scale, "family": components.family,
+            "num_train_timesteps": components.noise_scheduler.config.num_train_timesteps,
+        }
+        _write_manifest(out, manifest)
+        if stream is not None:
+            if manifest.get("stream"):
+                # just past the last pair of the last finished shard
+                stream.load_state_dict(manifest["stream"])
+            items = iter(stream)
+        else:
+            pairs = PairDataset(dataset, data_cfg, cfg.train.seed)
+            items = (pairs[i] for i in range(manifest["pairs_done"], len(dataset)))
+        encoder = _ShardEncoder(components, policy, cfg, reference_draws, STORAGE_DTYPES[storage_dtype],
+                                weight_dtype, device, batch_size)
+        for name in manifest["text_shards"]:  # resuming: the captions already stored keep their ids
+            for caption in datasets.load_from_disk(str(out / name))["caption"]:
+                encoder.caption_ids[caption] = len(encoder.caption_ids)
+        _write_shards(out, items, encoder, manifest, stream, shard_size, progress)
+        if stream is not None:
+            manifest.update(pairs=manifest["pairs_done"], data_report={**stream.report(), "streaming": True})
+        seconds = round(time.perf_counter() - started, 1) + manifest.get("seconds", 0)
+        manifest.update(complete=True, seconds=seconds)
+        _write_manifest(out, manifest)
+        log.info("cache %s: %d pairs in %d shards, skipped %s", out, manifest["pairs"],
+                 len(manifest["shards"]), manifest["skipped"])
         return manifest
-    out.mkdir(parents=True, exist_ok=True)
-    policy = None
-    if reference_draws:
-        _, policy, _ = setup_policy(cfg, device, components)  # in train mode, as in training (CPU kernels differ)
-    empty = {k: v.float().cpu().contiguous() for k, v in encode_prompts(components, [""]).items()}
-    save_file({k: v[0] for k, v in empty.items()}, str(out / EMPTY_CAPTION))
-    manifest = manifest or {
-        "key": key, "complete": False, "pairs": len(dataset) if dataset is not None else None, "pairs_done": 0,
-        "shards": [], "text_shards": [], "skipped": {}, "data_report": report, "scaling_factor": components.latent_scale,
-        "num_train_timesteps": components.noise_scheduler.config.num_train_timesteps, "family": components.family,
-    }
-    _write_manifest(out, manifest)
-    if stream is not None:
-        if manifest.get("stream"):
-            stream.load_state_dict(manifest["stream"])  # just past the last pair of the last finished shard
-        items = iter(stream)
-    else:
-        pairs = PairDataset(dataset, data_cfg, cfg.train.seed)
-        items = (pairs[i] for i in range(manifest["pairs_done"], len(dataset)))
-    encoder = _ShardEncoder(components, policy, cfg, reference_draws, STORAGE_DTYPES[storage_dtype], weight_dtype,
-                            device, batch_size)
-    for name in manifest["text_shards"]:  # resuming: the captions already stored keep their ids
-        for caption in datasets.load_from_disk(str(out / name))["caption"]:
-            encoder.caption_ids[caption] = len(encoder.caption_ids)
-    _write_shards(out, items, encoder, manifest, stream, shard_size, progress)
-    if stream is not None:
-        manifest.update(pairs=manifest["pairs_done"], data_report={**stream.report(), "streaming": True})
-    manifest.update(complete=True, seconds=round(time.perf_counter() - started, 1) + manifest.get("seconds", 0))
-    _write_manifest(out, manifest)
-    log.info("cache %s: %d pairs in %d shards, skipped %s", out, manifest["pairs"], len(manifest["shards"]),
-             manifest["skipped"])
-    return manifest
 
 
 def _check_cacheable(cfg, reference_draws: int) -> None:
@@ -157,7 +167,9 @@ def _previous_manifest(out: Path, key: dict[str, Any], overwrite: bool) -> dict 
         if not overwrite:
             raise ValueError(f"{out} holds a cache built for another recipe or options: pass --overwrite to replace "
                              "it, or choose another folder")
-        shutil.rmtree(out)
+        for path in out.iterdir():  # all but the lock this build holds
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         return None
     return manifest
 

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,9 +43,10 @@ from lora_dpo.models.lora_files import check_adapter_fits_model
 from lora_dpo.models.policy import Policy, run_reference_lora
 from lora_dpo.training import checkpoint as ckpt
 from lora_dpo.training.diagnostics import BothErrorsRising, step_means, timestep_bucket_sums
+from lora_dpo.training.guards import NonFiniteGrads, WeightsMoved, all_finite, grad_norm_value
 from lora_dpo.training.memory import peak_memory_gb
 from lora_dpo.training.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
-from lora_dpo.training.run_folder import MetricsLog, StopSignal, check_resume_layout, prepare_run_dir
+from lora_dpo.training.run_folder import MetricsLog, RunLock, StopSignal, check_resume_layout, prepare_run_dir
 from lora_dpo.training.setup import (
     check_accumulation,
     fill_deepspeed_config,
@@ -76,12 +79,23 @@ class PreferenceRecipe:
     ``setup`` runs the cheap checks before any weight loads (model folder or id, optimizer, latent cache, data set,
     resume point, starting LoRA), then the accelerator, the run folder, the models, the optimizer, the resumed state,
     the micro-batches and the logs, each ``_setup_*`` step reading only its own section of the recipe.
+
+    Use it as a context manager: ``setup`` takes the run folder's lock (:class:`RunLock`, one run per folder) and
+    the block's exit releases it, however the run ends.
     """
 
     def __init__(self, cfg: RecipeConfig):
         self.cfg, self.run_dir = cfg, cfg.run_dir
         self.loss, self.unit = cfg.loss, cfg.loss.unit  # unit: what train.batch_size counts, pairs or images
         self.step, self.final, self.stopped = 0, {}, None
+        self._held = ExitStack()  # the run folder's lock, from setup to the end of the run
+
+    def __enter__(self) -> PreferenceRecipe:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._held.close()
+        return False
 
     # ------------------------------------------------------------------------------------------------------
     # Setup
@@ -91,6 +105,9 @@ class PreferenceRecipe:
         # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
         read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
         check_optimizer_available(cfg.optim)
+        # One run per folder, taken before the data is read so that a second run stops at once; the global main
+        # process holds it (RANK: the accelerator is not up yet).
+        self._held.enter_context(RunLock(self.run_dir, enabled=int(os.environ.get("RANK", "0")) == 0))
         # encoded pairs (and maybe reference errors) instead of images: a keyed, checked cache
         self.manifest = check_cache(cfg, cfg.data.latent_cache) if cfg.data.latent_cache else None
         self._setup_data(cfg.data, cfg.train.seed)
@@ -183,17 +200,21 @@ class PreferenceRecipe:
     def _setup_resume(self) -> dict:
         """Weights, optimizer, schedule, RNG from ``self.resume_path``; returns the data position to resume at."""
         data_state = {"epoch": 0, "batch_in_epoch": 0}
+        self.nonfinite = NonFiniteGrads(self.cfg.train.stop_after_nonfinite_grads)
         if self.resume_path is None:
+            self.moved = WeightsMoved(self.policy.params)
             return data_state
         weights, data_state = ckpt.load_checkpoint(
             self.resume_path, optimizer=None if self.sharded else self.optimizer.optimizer,
-            lr_scheduler=self.lr_scheduler, scaler=self.scaler,
+            lr_scheduler=self.lr_scheduler, scaler=self.scaler, verify=False,  # resolve_resume verified it
         )
         if self.sharded:  # weights and optimizer shards, each process its own
             self.accelerator.load_state(str(self.resume_path / ckpt.SHARDED_STATE))
         else:
             self.policy.load_trainable_state_dict(weights)
         self.step = data_state["step"]
+        self.nonfinite.in_row = data_state.get("nonfinite_grads_in_row", 0)
+        self.moved = WeightsMoved(self.policy.params, moved_before=data_state.get("weights_moved", False))
         log.info("resumed from %s at step %d", self.resume_path, self.step)
         return data_state
 
@@ -229,6 +250,8 @@ class PreferenceRecipe:
         process. FSDP / DeepSpeed shard the optimizer state (FSDP the weights too): every process takes part."""
         accelerator, sharded = self.accelerator, self.sharded
         weights = self.policy.trainable_state_dict(accelerator.get_state_dict(self.unet) if sharded else None)
+        if not self._everywhere(all_finite(weights.values())):
+            raise self._diverged(f"the trainable weights are not finite after step {step}", weights_bad=False)
         if sharded:
             staging = ckpt.staging_folder(self.run_dir, step)
             if self.is_main:
@@ -243,7 +266,8 @@ class PreferenceRecipe:
             path = ckpt.save_checkpoint(
                 self.run_dir, step, weights=weights, optimizer=None if sharded else self.optimizer.optimizer,
                 lr_scheduler=self.lr_scheduler, scaler=self.scaler,
-                trainer_state={**self.batches.state(), "num_processes": self.world, "batch_size": train.batch_size},
+                trainer_state={**self.batches.state(), "num_processes": self.world, "batch_size": train.batch_size,
+                               "nonfinite_grads_in_row": self.nonfinite.in_row, "weights_moved": self.moved.moved()},
                 recipe_yaml=self.cfg.to_yaml(), total_limit=train.checkpoints_total_limit,
             )
         accelerator.wait_for_everyone()
@@ -253,7 +277,7 @@ class PreferenceRecipe:
         """The loop, one iteration = one optimizer step over ``gradient_accumulation_steps`` micro-batches, then the
         export. A SIGINT/SIGTERM finishes the step, saves a checkpoint and returns (``interrupted``)."""
         train = self.cfg.train
-        with StopSignal() as stop:
+        with StopSignal() as stop, self.bar, closing(self.metrics_log):  # bar and logs closed however it ends
             while self.step < train.max_steps:
                 started = time.perf_counter()
                 sums, examples = self._accumulate_gradients(train.gradient_accumulation_steps)
@@ -261,6 +285,9 @@ class PreferenceRecipe:
                 self.step += 1
                 self.final = self._step_metrics(sums, examples, started, lr_used, grad_norm)
                 self._show_and_log(self.final, train.log_every, train.max_steps)
+                if self.nonfinite.exhausted:
+                    raise self._diverged(f"the gradient norm was NaN/Inf {self.nonfinite.in_row} steps in a row "
+                                         f"(to step {self.step}; each was skipped)", weights_bad=False)
                 if self.step % train.checkpoint_every == 0 or self.step == train.max_steps:
                     self.save_checkpoint(self.step)
                 if stop.received:
@@ -268,8 +295,6 @@ class PreferenceRecipe:
                     if self.step % train.checkpoint_every and self.step != train.max_steps:
                         self.save_checkpoint(self.step)
                     break
-        self.bar.close()
-        self.metrics_log.close()
         return self._export()
 
     def _accumulate_gradients(self, accumulation_steps: int) -> tuple[dict[str, torch.Tensor], int]:
@@ -284,12 +309,8 @@ class PreferenceRecipe:
                 loss, metrics = self.micro_step(self.components, self.unet, self.policy.reference, batch, self.loss,
                                                 accelerator, self.weight_dtype)
                 if not torch.isfinite(loss).all():
-                    last = ckpt.list_checkpoints(self.run_dir)
-                    raise TrainingDiverged(
-                        f"loss is {loss.float().mean().item()} at step {self.step + 1}: training stopped. Last good "
-                        f"checkpoint: {last[-1] if last else 'none'}. Lower optim.lr or loss.beta, or use "
-                        "train.mixed_precision=bf16 instead of fp16."
-                    )
+                    raise self._diverged(f"loss is {loss.float().mean().item()} at step {self.step + 1}",
+                                         weights_bad=True)
                 accelerator.backward(loss.mean())  # accelerate divides by the accumulation steps
             if "rewards/margins" in metrics:  # margins by timestep bucket: sums and counts, reduced below
                 buckets = timestep_bucket_sums(metrics["rewards/margins"], metrics["timestep"],
@@ -300,20 +321,25 @@ class PreferenceRecipe:
             examples += len(batch)
         return sums, examples
 
-    def _optimizer_step(self, max_grad_norm: float | None) -> tuple[float, torch.Tensor | None]:
-        """Clip, step, schedule, zero the gradients; returns the learning rate used and the gradient norm."""
-        grad_norm = None
-        if max_grad_norm is not None:
-            grad_norm = self.accelerator.clip_grad_norm_(self.policy.params, max_grad_norm)
+    def _optimizer_step(self, max_grad_norm: float | None) -> tuple[float, float | None]:
+        """Clip (``max_grad_norm`` None: measure only), step, schedule, zero the gradients; returns the learning rate
+        used and the gradient norm. A NaN/Inf norm skips the step (:class:`NonFiniteGrads`). Under fp16 the loss
+        scaler skips an overflow itself and halves its scale; only overflows at a scale of 1 or less (the gradients
+        are NaN/Inf unscaled) count towards ``train.stop_after_nonfinite_grads``."""
+        grad_norm = grad_norm_value(self.accelerator.clip_grad_norm_(self.policy.params, max_grad_norm or math.inf))
         lr_used = self.lr_scheduler.get_last_lr()[0]
-        self.optimizer.step()
-        if not self.accelerator.optimizer_step_was_skipped:
+        scaler_overflow = (grad_norm is not None and not math.isfinite(grad_norm) and self.scaler is not None
+                           and self.scaler.get_scale() > 1.0)  # the fp16 scaler's: it skips and halves its scale
+        skipped = False if scaler_overflow else self.nonfinite.update(grad_norm)
+        if not skipped:  # also under fp16 at scale <= 1: the scaler sees the overflow and skips
+            self.optimizer.step()
+        if not skipped and not self.accelerator.optimizer_step_was_skipped:
             self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return lr_used, grad_norm
 
     def _step_metrics(self, sums: dict[str, torch.Tensor], examples: int, started: float, lr_used: float,
-                      grad_norm: torch.Tensor | None) -> dict[str, float]:
+                      grad_norm: float | None) -> dict[str, float]:
         """The step's logged metrics: the means of :func:`lora_dpo.training.diagnostics.step_means`, the diagnostics,
         the position, the learning rate used, the throughput, memory and gradient norm."""
         final, total = step_means(sums, examples, self.accelerator)
@@ -329,8 +355,32 @@ class PreferenceRecipe:
             **{"data/skipped_rows": sum(self.batches.skipped.values())},
         )
         if grad_norm is not None:
-            final["grad_norm"] = float(grad_norm)
+            final["grad_norm"] = grad_norm
+        if self.step == self.cfg.train.max_steps:
+            final["diagnostics/weights_moved"] = float(not self._everywhere(not self.moved.moved()))
         return final
+
+    def _everywhere(self, flag: bool) -> bool:
+        """``flag`` holds on every process (one reduction when there are several)."""
+        if self.world == 1:
+            return flag
+        bad = torch.tensor([0.0 if flag else 1.0], device=self.accelerator.device)
+        return self.accelerator.reduce(bad, reduction="sum").item() == 0
+
+    def _diverged(self, what: str, weights_bad: bool) -> TrainingDiverged:
+        """The error that stops a diverged run. ``weights_bad``: the current weights (step ``self.step``) produced it,
+        so a checkpoint of this step is not good: it is set aside (``quarantine_checkpoint``) and ``latest`` points
+        at the newest earlier checkpoint that verifies."""
+        good = None
+        if self.is_main:
+            if weights_bad:
+                ckpt.quarantine_checkpoint(self.run_dir, self.step,
+                                           f"{what}: the weights of step {self.step} produced it")
+            good = ckpt.last_good_checkpoint(self.run_dir)
+        where = (f"Last good checkpoint: {good} (train.resume_from=latest resumes it)" if good
+                 else "No good checkpoint is kept")
+        return TrainingDiverged(f"{what}: training stopped. {where}. Lower optim.lr or loss.beta, or use "
+                                "train.mixed_precision=bf16 instead of fp16.")
 
     def _show_and_log(self, final: dict[str, float], log_every: int, max_steps: int) -> None:
         """The progress bar; metrics.jsonl and TensorBoard at step 1, every ``log_every`` steps and the last."""
@@ -350,6 +400,10 @@ class PreferenceRecipe:
         if self.stopped:
             log.warning("stopped by %s at step %d; resume with train.resume_from=latest", self.stopped, self.step)
             return result
+        if not self.final.get("diagnostics/weights_moved", 1.0):
+            log.warning("the trainable weights never moved in this run: every step was skipped or changed nothing "
+                        "(see grad_norm in metrics.jsonl); the export is the starting model. Lower loss.beta or "
+                        "optim.lr, or check the data")
         data_report = self.data_report
         if self.dataset is None:  # the counts of every process's share, over its first pass
             data_report = {**data_report, **merge_reports(gather_object([self.batches.pairs.report()]))}
@@ -369,8 +423,11 @@ def train(cfg: RecipeConfig) -> TrainResult:
 
     Raises:
         ConfigError / FileNotFoundError / ValueError / ModelLoadError: bad input, before any weight loads.
-        TrainingDiverged: the loss became NaN/Inf (the last good checkpoint is kept).
+        RunFolderLocked: another process trains (or builds a cache) in ``output.dir``.
+        CheckpointError: ``train.resume_from`` names a checkpoint that fails its verification.
+        TrainingDiverged: the loss, the weights, or ``train.stop_after_nonfinite_grads`` gradient norms in a row became
+            NaN/Inf (the last good checkpoint is kept).
     """
-    recipe = PreferenceRecipe(cfg)
-    recipe.setup()
-    return recipe.train()
+    with PreferenceRecipe(cfg) as recipe:
+        recipe.setup()
+        return recipe.train()
