@@ -32,6 +32,7 @@ RECIPE = str(ROOT / "recipes/sd15/lora_dpo.yaml")
 STEPS = 4
 # Every checkpoint is saved, two are kept: the runs below write, rename and prune.
 COMMON = ("train.checkpoint_every=1", "train.checkpoints_total_limit=2")
+EVERY_KILL_POINT = "LORA_DPO_EVERY_KILL_POINT"
 CHECKPOINT_FILES = ("trainable_weights.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.safetensors",
                     "rng_state.json", "trainer_state.json", "recipe.yaml", "manifest.json")
 
@@ -133,7 +134,8 @@ def _error_line(err: str) -> str:
 
 def test_kill_during_a_checkpoint_write_then_resume_is_exact(reference, tiny_sd15, photo_pairs, tmp_path):
     """SIGKILL before or after each write primitive (file writes; manifest, renames and ``latest``; pruning), chosen
-    by a seeded draw, one per group; resuming with ``latest`` then ends bit for bit as the uninterrupted run."""
+    by a seeded draw, one per group; resuming with ``latest`` then ends bit for bit as the uninterrupted run.
+    ``LORA_DPO_EVERY_KILL_POINT=1`` tries every write call of the second checkpoint instead, before and after it."""
     ref_dir, events = reference
     assert any(e.startswith("_remove_tree checkpoints/.deleting-step_") for e in events)  # the runs prune
     groups = {"files": ("save_file .tmp-step", "_torch_save .tmp-step", "_write_text .tmp-step"),
@@ -141,9 +143,12 @@ def test_kill_during_a_checkpoint_write_then_resume_is_exact(reference, tiny_sd1
                          "_write_text checkpoints/.latest", "_replace checkpoints/.latest"),
               "prune": ("_replace checkpoints/step_", "_remove_tree checkpoints/.deleting")}
     rng = random.Random(15)
-    for group, prefixes in groups.items():
-        points = [(i, when) for i, e in enumerate(events) if e.startswith(prefixes) for when in ("before", "after")]
-        index, when = rng.choice(points)
+    chosen = {group: rng.choice([(i, when) for i, e in enumerate(events) if e.startswith(prefixes)
+                                 for when in ("before", "after")]) for group, prefixes in groups.items()}
+    if os.environ.get(EVERY_KILL_POINT):  # every call of the second checkpoint's save, before and after (minutes)
+        first, last = (next(i for i, e in enumerate(events) if f"step_{s}" in e) for s in (2, 3))
+        chosen = {f"call{i}-{when}": (i, when) for i in range(first, last) for when in ("before", "after")}
+    for group, (index, when) in chosen.items():
         case = tmp_path / group
         case.mkdir()
         proc, _ = _drive(case, _train_argv(tiny_sd15, photo_pairs, case / "run"), kill_at=index, when=when)

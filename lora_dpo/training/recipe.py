@@ -331,7 +331,7 @@ class PreferenceRecipe:
         scaler_overflow = (grad_norm is not None and not math.isfinite(grad_norm) and self.scaler is not None
                            and self.scaler.get_scale() > 1.0)  # the fp16 scaler's: it skips and halves its scale
         skipped = False if scaler_overflow else self.nonfinite.update(grad_norm)
-        if not skipped:  # also under fp16 at scale <= 1: the scaler sees the overflow and skips
+        if not skipped or self.scaler is not None:  # fp16: the scaler sees the NaN/Inf, skips, lowers its scale
             self.optimizer.step()
         if not skipped and not self.accelerator.optimizer_step_was_skipped:
             self.lr_scheduler.step()
@@ -379,8 +379,8 @@ class PreferenceRecipe:
             good = ckpt.last_good_checkpoint(self.run_dir)
         where = (f"Last good checkpoint: {good} (train.resume_from=latest resumes it)" if good
                  else "No good checkpoint is kept")
-        return TrainingDiverged(f"{what}: training stopped. {where}. Lower optim.lr or loss.beta, or use "
-                                "train.mixed_precision=bf16 instead of fp16.")
+        fp16 = ", or use train.mixed_precision=bf16 instead of fp16" if self.cfg.train.mixed_precision == "fp16" else ""
+        return TrainingDiverged(f"{what}: training stopped. {where}. Lower optim.lr or loss.beta{fp16}.")
 
     def _show_and_log(self, final: dict[str, float], log_every: int, max_steps: int) -> None:
         """The progress bar; metrics.jsonl and TensorBoard at step 1, every ``log_every`` steps and the last."""
