@@ -52,3 +52,19 @@ def test_step_cost_from_a_cache_runs_no_encoder_and_no_reference(tmp_path):
     assert flops["lora-dpo", "cache+ref"] < flops["lora-dpo", "cache"]
     assert flops["lora-dpo", "cache+ref"] == flops["lora-sft", "cache"]
     assert "from the cache / from images" in proc.stdout and "precomputed reference / LoRA-SFT" in proc.stdout
+
+
+def test_checkpoint_cost_reports_save_manifest_and_verify(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/checkpoint_cost.py"), "--arch", "tiny", "--repeats", "1",
+         "--dir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["mode"]: r for r in json.loads(out.read_text())}
+    assert set(rows) == {"lora", "full"}
+    for r in rows.values():  # the manifest is part of the save; a verified checkpoint has a size
+        assert 0 < r["manifest_s"] <= r["save_s"] and r["verify_s"] > 0 and r["checkpoint_gb"] > 0
+    assert rows["full"]["checkpoint_gb"] > 10 * rows["lora"]["checkpoint_gb"]
+    assert [p.name for p in tmp_path.iterdir()] == ["cost.json"]  # its temporary folder is gone
