@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import codecs
 import difflib
+import glob
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,8 +24,26 @@ from lora_dpo.losses import LOSSES, LossType, describe, refused_option
 LOSS_TYPES = tuple(LOSSES)  # the allowed loss.type values, in the table's order
 
 
+def _is_sequence(annotation: Any) -> bool:
+    """Whether a field's annotation is a list or a tuple of any length (or an optional one); a fixed-length
+    tuple such as ``tuple[str, str]`` is not (one value there is an error that names the key)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_sequence(arg) for arg in args if arg is not type(None))
+    return origin is list or (origin is tuple and len(args) == 2 and args[1] is Ellipsis)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _one_item_list(cls, value: Any, info) -> Any:
+        """A single value where a list is due is a one-item list: ``lora.target_modules=to_q`` is ``[to_q]``."""
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool) and info.field_name \
+                and _is_sequence(cls.model_fields[info.field_name].annotation):
+            return [value]
+        return value
 
 
 class ModelConfig(_Section):
@@ -251,6 +272,10 @@ class OptimConfig(_Section):
     lr_warmup_steps: int = Field(0, ge=0)
 
 
+# Other spellings of train.mixed_precision's values.
+_PRECISION_ALIASES = {"fp32": "no", "float32": "no", "float16": "fp16", "bfloat16": "bf16"}
+
+
 class TrainConfig(_Section):
     # lora: the policy is the base UNet + a LoRA adapter, the reference is the adapter disabled (one UNet in
     # memory). full: the whole UNet is trained (fp32 master weights) against a frozen copy (see `reference`).
@@ -260,12 +285,14 @@ class TrainConfig(_Section):
     batch_size: int = Field(1, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     seed: int = 0
+    # no (fp32; also written fp32 or float32), fp16 (needs a GPU), bf16.
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     checkpoint_every: int = Field(500, gt=0)
     # Number of checkpoints kept in output.dir/checkpoints (oldest deleted first); None keeps all.
     checkpoints_total_limit: int | None = Field(3, gt=0)
-    # "latest" (the newest checkpoint of output.dir) or a path to a checkpoints/step_N folder.
+    # "latest" (the newest checkpoint of output.dir) or a path to a checkpoints/step_N folder. A resumed run
+    # continues its folder: output.overwrite is then ignored.
     resume_from: str | None = None
     log_every: int = Field(1, gt=0)
     allow_tf32: bool = True
@@ -276,8 +303,12 @@ class TrainConfig(_Section):
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
-    def _yaml_no(cls, value):  # `mixed_precision: no` in YAML 1.1 is the boolean False
-        return "no" if value is False else value
+    def _yaml_no(cls, value):
+        """`mixed_precision: no` in YAML 1.1 is the boolean False; fp32 / float32 (full precision) also mean no,
+        and float16 / bfloat16 mean fp16 / bf16."""
+        if value is False:
+            return "no"
+        return _PRECISION_ALIASES.get(value.lower(), value.lower()) if isinstance(value, str) else value
 
 
 class OutputConfig(_Section):
@@ -308,11 +339,6 @@ class RecipeConfig(_Section):
                 f"data.resolution={self.data.resolution} must be a multiple of 8 (the VAE downsamples by 8); "
                 f"try data.resolution={max(8, round(self.data.resolution / 8) * 8)}"
             )
-        if self.optim.lr_warmup_steps > self.train.max_steps:
-            raise ValueError(
-                f"optim.lr_warmup_steps={self.optim.lr_warmup_steps} exceeds train.max_steps="
-                f"{self.train.max_steps}: the run would end before reaching optim.lr"
-            )
         if self.optim.lr_warmup_steps and self.optim.lr_scheduler == "constant":
             raise ValueError(
                 "optim.lr_warmup_steps is set but optim.lr_scheduler=constant ignores it; "
@@ -335,9 +361,20 @@ class RecipeConfig(_Section):
         if self.loss.unit == "images" and (self.data.latent_cache or self.data.streaming):
             raise ValueError(f"loss.type={self.loss.type} reads its images from a map-style data set: "
                              "data.latent_cache and data.streaming are not supported with it yet; remove them")
-        if self.train.resume_from is not None and self.output.overwrite:
-            raise ValueError("train.resume_from and output.overwrite=true contradict each other: choose one")
         return self
+
+    def notes(self) -> list[str]:
+        """What the command line prints before it runs this recipe, one line each (``warning: ...`` or
+        ``note: ...``): settings that are valid but may not be what was meant."""
+        lines = []
+        if self.optim.lr_warmup_steps > self.train.max_steps:
+            lines.append(f"warning: optim.lr_warmup_steps={self.optim.lr_warmup_steps} exceeds train.max_steps="
+                         f"{self.train.max_steps}: the learning rate never reaches optim.lr={self.optim.lr:g} in this "
+                         f"run (fine for a short test; lower optim.lr_warmup_steps for a real run)")
+        if self.train.resume_from is not None and self.output.overwrite:
+            lines.append(f"note: train.resume_from={self.train.resume_from} continues the run in its folder; "
+                         "output.overwrite=true is ignored")
+        return lines
 
     @property
     def run_dir(self) -> Path:
@@ -442,25 +479,76 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+# Top-level keys of an accelerate launcher config (``accelerate config`` / ``--config_file``), never of a recipe.
+_LAUNCHER_KEYS = {"compute_environment", "distributed_type", "num_processes", "num_machines", "machine_rank",
+                  "main_training_function", "deepspeed_config", "fsdp_config", "use_cpu", "gpu_ids", "rdzv_backend"}
+# Recipe keys that name an existing input (a folder, a file or a glob), resolved by :func:`_resolve_recipe_paths`.
+_INPUT_PATHS = (("model", "pretrained_model_name_or_path"), ("data", "dataset"), ("data", "image_root"),
+                ("data", "latent_cache"), ("lora", "init_from"))
+
+
+def _exists(path: Path) -> bool:
+    return bool(glob.glob(str(path))) if glob.has_magic(str(path)) else path.exists()
+
+
+def _resolve_recipe_paths(data: dict[str, Any], recipe: Path) -> None:
+    """Make the relative input paths written in a recipe file (:data:`_INPUT_PATHS`) that do not exist from the
+    current directory absolute, read from the recipe's folder or the nearest folder above it where they exist
+    (a shipped recipe's ``worlds/digits/pipeline`` is the repository's, from any directory). Anything else, a hub
+    id included, is left as written."""
+    for section, key in _INPUT_PATHS:
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute() \
+                or _exists(Path(value)):
+            continue
+        for folder in recipe.resolve().parents:
+            if _exists(folder / value):
+                node[key] = str(folder / value)
+                break
+
+
+def _read_recipe(recipe: str | Path) -> dict[str, Any]:
+    """The recipe file's sections as a dict, its relative input paths resolved (:func:`_resolve_recipe_paths`).
+
+    Raises:
+        ConfigError: no such file, not YAML, not a mapping, or an accelerate launcher config given as a recipe.
+    """
+    path = Path(recipe)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{recipe}' not found; recipes ship under recipes/ (e.g. recipes/sd15/lora_dpo.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"recipe '{recipe}' is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{recipe}' must be a mapping of sections (model:, lora:, data:, ...)")
+    if _LAUNCHER_KEYS & set(data) and not set(data) & set(RecipeConfig.model_fields):
+        raise ConfigError(
+            f"'{recipe}' is an accelerate launcher config, not a recipe: use it with `accelerate launch "
+            f"--config_file {recipe} -m lora_dpo.cli train RECIPE` (a recipe such as recipes/sd15/lora_dpo.yaml)"
+        )
+    _resolve_recipe_paths(data, path)
+    return data
+
+
 def load_config(recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
     """Read a recipe YAML (or only the defaults when ``recipe`` is None), apply overrides, validate.
 
+    Relative paths: an input path written in the recipe file (model folder, data set, image root, latent cache,
+    starting LoRA) is read from the current directory when it exists there, else from the recipe's folder or the
+    nearest folder above it where it exists, so a shipped recipe works from any directory. Paths given as
+    overrides, and ``output.dir``, are read from the current directory.
+
     Raises:
-        ConfigError: missing file, YAML syntax error, unknown key (with the nearest valid one), wrong type or
-            value, or an impossible combination. Raised before anything loads model weights.
+        ConfigError: missing file, YAML syntax error, an accelerate launcher config instead of a recipe, unknown key
+            (with the nearest valid one), wrong type or value, or an impossible combination. Raised before anything
+            loads model weights.
     """
     data: dict[str, Any] = {}
     source = "defaults"
     if recipe is not None:
-        path = Path(recipe)
-        if not path.is_file():
-            raise ConfigError(f"recipe '{recipe}' not found; recipes ship under recipes/ (e.g. recipes/sd15/lora_dpo.yaml)")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"recipe '{recipe}' is not valid YAML: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe '{recipe}' must be a mapping of sections (model:, lora:, data:, ...)")
+        data = _read_recipe(recipe)
         source = str(recipe)
     apply_overrides(data, list(overrides))
     if overrides:

@@ -8,6 +8,7 @@ from lora_dpo.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = str(ROOT / "recipes/sd15/lora_dpo.yaml")
+CPU = "train.mixed_precision=no"  # the shipped recipes' fp16 needs a GPU: refused on a CPU-only machine
 
 
 @pytest.fixture
@@ -26,7 +27,7 @@ def no_weight_loading(monkeypatch):
 def test_validate_reports_without_loading_weights(tiny_sdxl, messy_pairs, no_weight_loading, capsys):
     path, expected = messy_pairs
     code = main(["validate", str(ROOT / "recipes/sdxl/lora_dpo.yaml"),
-                 f"model.pretrained_model_name_or_path={tiny_sdxl}", f"data.dataset={path}", "data.resolution=32"])
+                 f"model.pretrained_model_name_or_path={tiny_sdxl}", f"data.dataset={path}", "data.resolution=32", CPU])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "(sdxl)" in out and '"tie": 3' in out and "8 pairs × 2 accumulation × 1 processes = 16" in out
@@ -45,7 +46,7 @@ def test_validate_reports_without_loading_weights(tiny_sdxl, messy_pairs, no_wei
 def test_bad_input_fails_before_weights_load(overrides, message, tiny_sd15, photo_pairs, no_weight_loading,
                                              tmp_path, capsys):
     base = [f"model.pretrained_model_name_or_path={tiny_sd15}", f"data.dataset={photo_pairs}",
-            f"output.dir={tmp_path / 'run'}"]
+            f"output.dir={tmp_path / 'run'}", CPU]
     for command in ("validate", "train"):
         assert main([command, RECIPE, *base, *overrides]) == 2
         err = capsys.readouterr().err
@@ -55,14 +56,14 @@ def test_bad_input_fails_before_weights_load(overrides, message, tiny_sd15, phot
 
 def test_not_a_pipeline_folder(tmp_path, capsys):
     (tmp_path / "model").mkdir()
-    assert main(["validate", RECIPE, f"model.pretrained_model_name_or_path={tmp_path / 'model'}"]) == 2
+    assert main(["validate", RECIPE, f"model.pretrained_model_name_or_path={tmp_path / 'model'}", CPU]) == 2
     assert "no model_index.json" in capsys.readouterr().err
 
 
 def test_validate_checks_the_starting_lora_without_loading_weights(tiny_sdxl, lora_sd15, messy_pairs,
                                                                   no_weight_loading, capsys):
     code = main(["validate", str(ROOT / "recipes/sdxl/lora_dpo.yaml"), f"model.pretrained_model_name_or_path={tiny_sdxl}",
-                 f"data.dataset={messy_pairs[0]}", f"lora.init_from={lora_sd15}"])
+                 f"data.dataset={messy_pairs[0]}", f"lora.init_from={lora_sd15}", CPU])
     assert code == 2 and "cross-attention width 32" in capsys.readouterr().err
 
 
@@ -103,13 +104,14 @@ def test_validate_checks_a_cache_and_a_stream(tiny_sd15, photo_pairs, tmp_path, 
     from lora_dpo.config import load_config
     from lora_dpo.training.cache_build import build_cache
 
-    base = [f"model.pretrained_model_name_or_path={tiny_sd15}", f"data.dataset={photo_pairs}", "data.resolution=32"]
+    base = [f"model.pretrained_model_name_or_path={tiny_sd15}", f"data.dataset={photo_pairs}", "data.resolution=32",
+            CPU]
     build_cache(load_config(RECIPE, base), tmp_path / "cache", progress=False)
     assert main(["validate", RECIPE, *base, f"data.latent_cache={tmp_path / 'cache'}"]) == 0
     assert '"latent_cache"' in capsys.readouterr().out
-    assert main(["validate", RECIPE, *base[:2], "data.resolution=24", f"data.latent_cache={tmp_path / 'cache'}"]) == 2
+    assert main(["validate", RECIPE, *base[:2], CPU, "data.resolution=24", f"data.latent_cache={tmp_path / 'cache'}"]) == 2
     assert "resolution: cache 32, recipe 24" in capsys.readouterr().err
-    assert main(["train", RECIPE, *base[:2], "data.resolution=24", f"data.latent_cache={tmp_path / 'cache'}",
+    assert main(["train", RECIPE, *base[:2], CPU, "data.resolution=24", f"data.latent_cache={tmp_path / 'cache'}",
                  f"output.dir={tmp_path / 'run'}"]) == 2  # a stale cache stops training before anything is written
     assert not (tmp_path / "run").exists()
     capsys.readouterr()

@@ -83,10 +83,14 @@ def test_bad_input_names_the_key(override, message):
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="lr_warmup_steps=50 exceeds train.max_steps=10"):
-        load_config(None, ["train.max_steps=10", "optim.lr_warmup_steps=50"])
-    with pytest.raises(ConfigError, match="contradict"):
-        load_config(None, ["train.resume_from=latest", "output.overwrite=true"])
+    """A warmup longer than the run and a resume of a recipe that sets output.overwrite are valid: notes, not
+    errors (a short test run of a shipped recipe works; resuming follows the advice it is given)."""
+    cfg = load_config(None, ["train.max_steps=10", "optim.lr_warmup_steps=50"])
+    assert any("lr_warmup_steps=50 exceeds train.max_steps=10" in line for line in cfg.notes())
+    cfg = load_config(None, ["train.resume_from=latest", "output.overwrite=true"])
+    assert any("output.overwrite=true is ignored" in line for line in cfg.notes())
+    with pytest.raises(ConfigError, match="optim.lr_scheduler=constant_with_warmup"):
+        load_config(None, ["optim.lr_scheduler=constant", "optim.lr_warmup_steps=5"])
 
 
 def test_missing_or_broken_recipe(tmp_path):

@@ -641,6 +641,7 @@ def test_hub_style_shards_glob_and_split(tmp_path):
 
 
 def test_hub_id_goes_through_load_dataset(tmp_path, monkeypatch):
+    monkeypatch.setattr("lora_dpo.data.sources.hub_unreachable", lambda: None)  # as if the hub answered
     calls = []
 
     def offline(*args, **kwargs):

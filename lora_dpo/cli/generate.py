@@ -1,12 +1,23 @@
 """``lora-dpo generate MODEL PROMPT ... [--adapter PATH[:SCALE] ...]``: images from a base model plus adapters
 (compel prompt syntax); PNGs with their parameters, and an adapters off / on grid
-(:func:`lora_dpo.inference.generation.generate`)."""
+(:func:`lora_dpo.inference.generation.generate`).
+
+The arguments are checked here, before the generation stage loads through the package's lazy API
+(``lora_dpo.generate``): a bad ``--adapter`` scale, a missing adapter file, a model that is neither a folder nor a
+hub id, a size that is not a multiple of 8 answer in about a second, without importing torch or diffusers.
+"""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from lora_dpo.inference.generation import SCHEDULER_NAMES, generate
+import lora_dpo
+
+# lora_dpo.inference.generation.SCHEDULER_NAMES, written out so that the parser needs no torch import (a test keeps
+# the two equal).
+SCHEDULER_NAMES = ("default", "ddim", "ddpm", "pndm", "lms", "euler", "euler_a", "heun", "dpm++_2m",
+                   "dpm++_2m_karras", "unipc")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,18 +40,56 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def adapter_arg(text: str) -> tuple[str, float]:
-    """``PATH`` or ``PATH:SCALE`` (scale 1.0 by default; a text after the last ``:`` that is not a number is part
-    of the path)."""
-    path, _, scale = text.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (text, 1.0)
-    except ValueError:
+    """``PATH`` or ``PATH:SCALE`` (scale 1.0 by default). An existing path is a path, whatever ``:`` it holds.
+
+    Raises:
+        ValueError: the text after the last ``:`` is not a number (``--adapter run:strong``).
+        FileNotFoundError: no adapter at the path.
+    """
+    path, sep, scale = text.rpartition(":")
+    if Path(text).expanduser().exists() or not sep:
         return text, 1.0
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"--adapter {text}: scale '{scale}' is not a number; write PATH:SCALE, e.g. "
+                         f"{path or 'adapters/run'}:0.8 (or PATH alone for 1.0)") from None
+    if not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"--adapter {text}: LoRA adapter {path} not found: pass a run folder or a "
+                                ".safetensors file")
+    return path, value
+
+
+def check_arguments(args: argparse.Namespace) -> list[tuple[str, float]]:
+    """The checks that need no model: the adapters (:func:`adapter_arg`; a path without a scale must exist), the
+    model (an existing folder or an ``org/name`` hub id), the image size and the step count. Returns the adapters as
+    ``(path, scale)``.
+
+    Raises:
+        ValueError / FileNotFoundError: the first bad argument, named.
+    """
+    adapters = [adapter_arg(text) for text in args.adapter]
+    for path, _ in adapters:
+        if not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"--adapter: LoRA adapter {path} not found: pass a run folder or a .safetensors "
+                                    "file")
+    model = str(args.model)
+    if not Path(model).expanduser().exists() and (model.count("/") != 1 or model.startswith((".", "/", "~"))):
+        raise FileNotFoundError(f"model '{model}' is neither a folder (a relative path is read from the current "
+                                f"directory, {Path.cwd()}) nor a hub id of the form org/name")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 8):
+            raise ValueError(f"--{name} {value} must be a positive multiple of 8, e.g. {max(8, round(value / 8) * 8)}")
+    if args.steps <= 0:
+        raise ValueError(f"--steps {args.steps} must be at least 1")
+    return adapters
 
 
 def run(args: argparse.Namespace) -> int:
-    report = generate(
-        args.model, args.prompt, negative_prompt=args.negative_prompt, adapters=[adapter_arg(a) for a in args.adapter],
+    adapters = check_arguments(args)
+    report = lora_dpo.generate(  # the generation stage loads here (lazy API), after the arguments passed their checks
+        args.model, args.prompt, negative_prompt=args.negative_prompt, adapters=adapters,
         seeds=args.seeds, num_inference_steps=args.steps, guidance_scale=args.guidance, scheduler=args.scheduler,
         height=args.height, width=args.width, out_dir=args.out, device=args.device, dtype=args.dtype,
         grid=not args.no_grid,

@@ -28,11 +28,11 @@ import importlib
 import logging
 import os
 import sys
-import warnings
 from types import ModuleType
 from typing import NamedTuple
 
 from lora_dpo.errors import ConfigError, DiskFullError, ModelLoadError, TrainingDiverged
+from lora_dpo.library_noise import quiet_known_warnings
 
 EXIT_BAD_INPUT, EXIT_DIVERGED = 2, 1
 DEBUG_ENV = "LORA_DPO_DEBUG"  # set to 1: tracebacks instead of one error line, as --debug
@@ -74,7 +74,8 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("httpx", "urllib3", "huggingface_hub", "diffusers", "transformers", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    # the known harmless library warnings, dropped by message at their loggers (lora_dpo/library_noise.py's table)
+    quiet_known_warnings()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from lora_dpo.export.merge import merge_adapter
+import lora_dpo
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    report = merge_adapter(args.model, args.adapter, args.out, scale=args.scale, unet_only=args.unet_only,
-                           dtype=args.dtype, revision=args.revision, variant=args.variant, overwrite=args.overwrite)
+    report = lora_dpo.merge_adapter(  # the export stage loads here (lazy API): argument errors answer at once
+        args.model, args.adapter, args.out, scale=args.scale, unet_only=args.unet_only, dtype=args.dtype,
+        revision=args.revision, variant=args.variant, overwrite=args.overwrite)
     print(json.dumps(report, indent=2))
     return 0

@@ -7,7 +7,10 @@ have passed their checks: a typo in a key answers in about 2 s instead of the 8 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
+import os
+import sys
 
 import lora_dpo
 from lora_dpo.config import RecipeConfig, load_config
@@ -42,5 +45,23 @@ def run_training(cfg: RecipeConfig) -> int:
     return 0
 
 
+def preflight(cfg: RecipeConfig, recipe: str | None) -> list[str]:
+    """The checks of this machine and this model that come before any weight loads: the ``warning:`` / ``note:``
+    lines to print (a short warmup, a resume that ignores output.overwrite, 8-bit AdamW without a GPU, a recipe
+    written for another model family). Raises ConfigError for fp16 without a GPU, ModelLoadError for a model that
+    cannot be read (:func:`lora_dpo.training.setup.check_device`, :func:`lora_dpo.models.pretrained.read_model_index`)."""
+    setup = importlib.import_module("lora_dpo.training.setup")  # the training stage, after the recipe's own checks
+    lines = [*cfg.notes(), *setup.check_device(cfg)]
+    if recipe and cfg.model.pretrained_model_name_or_path:
+        index = setup.read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+        lines.append(setup.family_warning(recipe, setup.detect_family(index)))
+    return [line for line in lines if line]
+
+
 def run(args: argparse.Namespace) -> int:
-    return run_training(load_config(args.recipe, args.overrides))
+    cfg = load_config(args.recipe, args.overrides)
+    lines = preflight(cfg, args.recipe)
+    if int(os.environ.get("RANK", "0")) == 0:  # once, not once per process
+        for line in lines:
+            print(line, file=sys.stderr)
+    return run_training(cfg)

@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import pyarrow as pa
+from huggingface_hub import constants as hub_constants
 
 from lora_dpo.config import DataConfig
 from lora_dpo.data.files import (
@@ -35,6 +36,7 @@ from lora_dpo.data.files import (
 from lora_dpo.data.filters import Admission, RowScanner, scan_rows
 from lora_dpo.data.images import IMAGE_SUFFIXES, ImageBase, MissingImage, find_image_file
 from lora_dpo.errors import DataError
+from lora_dpo.models.pretrained import HUB_ID, hub_unreachable, offline_message
 
 logger = logging.getLogger(__name__)
 
@@ -287,6 +289,36 @@ def _in_memory(ds: datasets.Dataset, cfg: DataConfig, streaming: bool) -> Any:
     return ds.to_iterable_dataset() if streaming else ds
 
 
+def _load_hub(name: str, cfg: DataConfig, streaming: bool) -> Any:
+    """``data.dataset`` given as a hub id: ``load_dataset(name, split=data.split)`` (a stream when ``streaming``).
+
+    Raises:
+        FileNotFoundError: ``name`` is not of the form org/name (said at once, no network), the hub cannot be
+            reached (said at once, :func:`lora_dpo.models.pretrained.hub_unreachable`; under ``HF_HUB_OFFLINE`` the
+            datasets cache is read), or the data set cannot be loaded.
+    """
+    if not HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"data.dataset='{name}' is neither a file or folder (a relative path is read from the current directory, "
+            f"{Path.cwd()}) nor a hub id of the form org/name: set data.dataset=/path/to/parquet (a file, a folder, "
+            f"or a glob such as '/data/train-*.parquet') or a hub id such as yuvalkirstain/pickapic_v2"
+        )
+    if hub_unreachable() and not hub_constants.is_offline_mode():
+        raise FileNotFoundError(offline_message(name, "data.dataset", "copy of the data (a parquet file, a folder "
+                                                "or a glob)", "/path/to/parquet", repo_type="dataset"))
+    try:
+        loaded = datasets.load_dataset(name, split=cfg.split, cache_dir=cfg.cache_dir, streaming=streaming)
+    except (FileNotFoundError, ConnectionError) as exc:
+        raise FileNotFoundError(
+            f"data.dataset='{name}' is not a local path and could not be loaded from the hub ({exc}). "
+            f"Check the id and the network (offline, HF_HUB_OFFLINE=1 needs the data in the cache: "
+            f"data.cache_dir or HF_DATASETS_CACHE), or download it (e.g. `hf download {name} --repo-type "
+            f"dataset --local-dir DIR`) and set data.dataset=DIR or a glob such as "
+            f"'DIR/data/train-*.parquet'"
+        ) from exc
+    return loaded if streaming else _in_memory(loaded, cfg, streaming)
+
+
 def _open_source(cfg: DataConfig, streaming: bool = False) -> tuple[Any, ImageBase | None]:
     """Open ``cfg.dataset`` (see :func:`load_preference_dataset`) as a ``Dataset``, or an ``IterableDataset``
     when ``streaming``. Returns it and the base that relative image paths are resolved against:
@@ -306,22 +338,12 @@ def _open_source(cfg: DataConfig, streaming: bool = False) -> tuple[Any, ImageBa
     if not path.exists():
         if looks_local or name.count("/") > 1:
             raise FileNotFoundError(
-                f"data.dataset='{name}' does not exist. Set data.dataset to a .parquet/.arrow/.json/.jsonl/"
-                f".csv file, a folder or glob of such files, a Dataset.save_to_disk folder, a w/ + l/ pair "
-                f"folder, or a hub id such as yuvalkirstain/pickapic_v2"
+                f"data.dataset='{name}' does not exist (a relative path is read from the current directory, "
+                f"{Path.cwd()}). Set data.dataset to a .parquet/.arrow/.json/.jsonl/.csv file, a folder or glob of "
+                f"such files, a Dataset.save_to_disk folder, a w/ + l/ pair folder, or a hub id such as "
+                f"yuvalkirstain/pickapic_v2"
             )
-        try:
-            loaded = datasets.load_dataset(name, split=cfg.split, cache_dir=cfg.cache_dir,
-                                           streaming=streaming)
-        except (FileNotFoundError, ConnectionError) as exc:
-            raise FileNotFoundError(
-                f"data.dataset='{name}' is not a local path and could not be loaded from the hub ({exc}). "
-                f"Check the id and the network (offline, HF_HUB_OFFLINE=1 needs the data in the cache: "
-                f"data.cache_dir or HF_DATASETS_CACHE), or download it (e.g. `hf download {name} --repo-type "
-                f"dataset --local-dir DIR`) and set data.dataset=DIR or a glob such as "
-                f"'DIR/data/train-*.parquet'"
-            ) from exc
-        return (loaded if streaming else _in_memory(loaded, cfg, streaming)), root
+        return _load_hub(name, cfg, streaming), root
     if _is_pair_folder(path):  # its own folder, confined: a symlink in w/ or l/ reads nothing outside it
         return _in_memory(_pair_folder(path, cfg), cfg, streaming), ImageBase(path, confined=True)
     if _is_saved(path):

@@ -6,21 +6,29 @@ Below :mod:`lora_dpo.models.families`: a family reads its pipeline through these
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import socket
 import struct
+import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import try_to_load_from_cache
 from safetensors import SafetensorError
 
 from lora_dpo.errors import ModelLoadError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# Seconds the one reachability probe of the hub waits for a connection (:func:`hub_unreachable`).
+HUB_PROBE_TIMEOUT = 3.0
 
 # Recipe precision names (``train.mixed_precision``, ``reference.dtype``, ``model.vae_dtype``) and torch dtype names.
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
@@ -32,12 +40,44 @@ def is_hub_id(name: str) -> bool:
     return bool(HUB_ID.match(name)) and not Path(name).expanduser().exists()
 
 
+@functools.cache
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached, or None when it can: ``HF_HUB_OFFLINE`` (no connection is tried),
+    else one TCP connection to the hub's host (or the HTTPS proxy's), waiting at most :data:`HUB_PROBE_TIMEOUT`
+    seconds. Asked once per process (``hub_unreachable.cache_clear()`` asks again), so an offline machine answers
+    at once instead of after huggingface_hub's retries."""
+    if hub_constants.is_offline_mode():
+        return "HF_HUB_OFFLINE is set"
+    target = urlparse(urllib.request.getproxies().get("https") or hub_constants.ENDPOINT)
+    host, port = target.hostname or "huggingface.co", target.port or (80 if target.scheme == "http" else 443)
+    try:
+        socket.create_connection((host, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return f"no connection to {host}:{port}: {exc}"
+    return None
+
+
+def offline_message(repo_id: str, key: str, kind: str, example: str, repo_type: str = "model") -> str:
+    """The one line for hub id ``repo_id`` (the value of recipe key ``key``) when the hub cannot be reached
+    (:func:`hub_unreachable`): why, how to pass a local ``kind`` instead (``key=example``), and, unless
+    ``HF_HUB_OFFLINE`` is set, that setting it reads a copy from the local hub cache."""
+    flag = " --repo-type dataset" if repo_type == "dataset" else ""
+    if hub_constants.is_offline_mode():
+        why, cache = "HF_HUB_OFFLINE is set and it is not in the local hub cache", ""
+    else:
+        why = f"the Hugging Face hub could not be reached ({hub_unreachable()})"
+        cache = " (or set HF_HUB_OFFLINE=1 if it is in the local hub cache)"
+    return (f"{key}='{repo_id}' is a hub id, but {why}. Pass a local {kind}: {key}={example}, copied from a "
+            f"machine with access (e.g. `hf download {repo_id}{flag} --local-dir DIR`){cache}")
+
+
 def read_model_index(name_or_path: str, revision: str | None = None) -> dict[str, Any]:
     """The pipeline's ``model_index.json`` as a dict, from a local folder or the hub (config file only).
 
     Raises:
         ModelLoadError: a local path that does not exist or is not a diffusers pipeline folder, a string that is
-            neither a folder nor a hub id, or a hub id that cannot be reached (e.g. offline).
+            neither a folder nor a hub id, or a hub id that cannot be read: offline (:func:`hub_unreachable`,
+            answered at once; under ``HF_HUB_OFFLINE`` the local hub cache is read), a missing repository or file.
     """
     path = Path(name_or_path).expanduser()
     if path.exists():
@@ -50,9 +90,16 @@ def read_model_index(name_or_path: str, revision: str | None = None) -> dict[str
         return json.loads(index.read_text())
     if not HUB_ID.match(name_or_path):
         raise ModelLoadError(
-            f"model.pretrained_model_name_or_path='{name_or_path}' is neither an existing folder nor a hub id "
-            "of the form org/name."
+            f"model.pretrained_model_name_or_path='{name_or_path}' is neither an existing folder (a relative path "
+            f"is read from the current directory, {Path.cwd()}) nor a hub id of the form org/name: set it to "
+            "/path/to/pipeline"
         )
+    if hub_unreachable():  # at once, instead of after huggingface_hub's retries
+        cached = try_to_load_from_cache(name_or_path, "model_index.json", revision=revision)
+        if isinstance(cached, str) and hub_constants.is_offline_mode():
+            return json.loads(Path(cached).read_text())
+        raise ModelLoadError(offline_message(name_or_path, "model.pretrained_model_name_or_path",
+                                             "diffusers pipeline folder", "/path/to/pipeline"))
     try:
         return dict(DiffusionPipeline.load_config(name_or_path, revision=revision))
     except Exception as exc:  # network, auth, missing repo: one clear message

@@ -17,6 +17,7 @@ from lora_dpo.data.sources import load_preference_dataset
 from lora_dpo.data.streaming import StreamedPairs
 from lora_dpo.data.unpaired import LabeledImages
 from lora_dpo.errors import ConfigError
+from lora_dpo.models.families import FAMILIES
 from lora_dpo.models.loading import DTYPES, Components, detect_family, load_components, read_model_index
 from lora_dpo.models.lora_files import check_adapter_fits_model
 from lora_dpo.models.policy import Policy, build_policy
@@ -85,28 +86,77 @@ def fill_deepspeed_config(accelerator, batch_size: int, max_grad_norm: float | N
             ds_config[key] = value
 
 
-def check_recipe(cfg: RecipeConfig) -> tuple[str, dict[str, Any]]:
-    """What ``lora-dpo validate`` checks, loading no weights: the model folder or id (its ``model_index.json`` and
-    family), the optimizer (8-bit AdamW needs bitsandbytes), the starting LoRA (safetensors that fit the model), and
-    the data, opened as training opens it: the latent cache's key and counts, the stream's source and columns, or the
-    data set's rows (kept and skipped, by reason).
+def device_type() -> str:
+    """The accelerator a run on this machine gets: ``cuda``, ``xpu``, ``mps`` or ``cpu``."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
+def check_device(cfg: RecipeConfig) -> list[str]:
+    """What the recipe asks of this machine's accelerator, before any weight loads.
 
     Returns:
-        ``(family name, data report)``.
+        warnings: 8-bit AdamW without a GPU (bitsandbytes runs it on the CPU, slowly).
+    Raises:
+        ConfigError: ``train.mixed_precision=fp16`` without a GPU (accelerate refuses fp16 on the CPU).
+    """
+    device = device_type()
+    if device != "cpu":
+        return []
+    if cfg.train.mixed_precision == "fp16":
+        raise ConfigError("train.mixed_precision=fp16 needs a GPU and this machine has none: set "
+                          "train.mixed_precision=no (fp32) or bf16 (which the CPU runs)")
+    if cfg.optim.name == "adamw8bit":
+        return ["warning: optim.name=adamw8bit on a machine without a GPU: bitsandbytes runs it on the CPU, slowly; "
+                "optim.name=adamw is the usual choice there"]
+    return []
+
+
+def family_warning(recipe: str | Path | None, family: str) -> str | None:
+    """A warning when ``recipe`` lives in a folder named after another model family (``recipes/sdxl/...`` used on
+    an SD1.5 model): its settings (resolution, batch) were chosen for that family. None otherwise."""
+    written_for = Path(recipe).resolve().parent.name if recipe else None
+    if written_for in FAMILIES and written_for != family:
+        return (f"warning: {recipe} is a recipe for {FAMILIES[written_for].label} but the model is "
+                f"{FAMILIES[family].label}: its settings (data.resolution, batch size) may not fit; the "
+                f"recipes/{family}/ recipes are written for it")
+    return None
+
+
+def _data_report(cfg: RecipeConfig) -> dict[str, Any]:
+    """The data, opened as training opens it: the latent cache's key and counts, the stream's source and columns,
+    or the data set's rows (kept and skipped, by reason). Raises what opening it raises."""
+    if cfg.data.latent_cache:
+        manifest = check_cache(cfg, cfg.data.latent_cache)
+        return {"latent_cache": cfg.data.latent_cache, "pairs": manifest["pairs"], "skipped": manifest["skipped"]}
+    if cfg.data.streaming:  # opening the stream checks the source and its columns; rows are checked as read
+        StreamedPairs(cfg.data, seed=cfg.train.seed)
+        return {"streaming": True, "rows": "checked as they are read"}
+    return load_preference_dataset(cfg.data)[1]
+
+
+def check_recipe(cfg: RecipeConfig, with_model: bool = True) -> tuple[str | None, dict[str, Any]]:
+    """What ``lora-dpo validate`` checks, loading no weights: the model folder or id (its ``model_index.json`` and
+    family), the optimizer (8-bit AdamW needs bitsandbytes), the starting LoRA (safetensors that fit the model), the
+    data (:func:`_data_report`), and what the recipe asks of this machine's accelerator (:func:`check_device`).
+
+    Args:
+        with_model: False skips the model and the starting LoRA (``validate --no-model``); the family is then None.
+    Returns:
+        ``(family name or None, data report)``.
     Raises:
         ModelLoadError / ConfigError / FileNotFoundError / ValueError / ImportError: what the first failing check
         raises, with its message.
     """
-    family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    family = None
+    if with_model:
+        family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
     check_optimizer_available(cfg.optim)
-    if cfg.lora.init_from:
+    if cfg.lora.init_from and with_model:
         check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)
-    if cfg.data.latent_cache:
-        manifest = check_cache(cfg, cfg.data.latent_cache)
-        return family, {"latent_cache": cfg.data.latent_cache, "pairs": manifest["pairs"],
-                        "skipped": manifest["skipped"]}
-    if cfg.data.streaming:  # opening the stream checks the source and its columns; rows are checked as read
-        StreamedPairs(cfg.data, seed=cfg.train.seed)
-        return family, {"streaming": True, "rows": "checked as they are read"}
-    _, report = load_preference_dataset(cfg.data)
+    report = _data_report(cfg)
+    check_device(cfg)
     return family, report
