@@ -47,7 +47,7 @@ DRIVER = textwrap.dedent("""
 
     kill_at, when, events_file, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
     events = []
-    PATH_ARG = {"save_file": [1], "_torch_save": [1], "_write_text": [0], "_replace": [0, 1],
+    PATH_ARG = {"save_safetensors": [1], "_torch_save": [1], "_write_text": [0], "_replace": [0, 1],
                 "_write_manifest": [0], "_remove_tree": [0]}
 
     def counted(name, fn):
@@ -138,7 +138,7 @@ def test_kill_during_a_checkpoint_write_then_resume_is_exact(reference, tiny_sd1
     ``LORA_DPO_EVERY_KILL_POINT=1`` tries every write call of the second checkpoint instead, before and after it."""
     ref_dir, events = reference
     assert any(e.startswith("_remove_tree checkpoints/.deleting-step_") for e in events)  # the runs prune
-    groups = {"files": ("save_file .tmp-step", "_torch_save .tmp-step", "_write_text .tmp-step"),
+    groups = {"files": ("save_safetensors .tmp-step", "_torch_save .tmp-step", "_write_text .tmp-step"),
               "commit": ("_write_manifest", "_replace .tmp-step", "_replace checkpoints/.tmp-step",
                          "_write_text checkpoints/.latest", "_replace checkpoints/.latest"),
               "prune": ("_replace checkpoints/step_", "_remove_tree checkpoints/.deleting")}

@@ -3,7 +3,13 @@ adapter as PEFT or kohya files (``lora-dpo export``), and merged into the base w
 
 from __future__ import annotations
 
-from lora_dpo.export.artifacts import export_policy, save_full_pipeline, save_lora_adapter, write_model_card
+from lora_dpo.export.artifacts import (
+    export_policy,
+    save_full_pipeline,
+    save_lora_adapter,
+    training_caption,
+    write_model_card,
+)
 from lora_dpo.export.formats import FORMATS, export_adapter, kohya_module_name
 from lora_dpo.export.merge import merge_adapter
 
@@ -15,5 +21,6 @@ __all__ = [
     "merge_adapter",
     "save_full_pipeline",
     "save_lora_adapter",
+    "training_caption",
     "write_model_card",
 ]

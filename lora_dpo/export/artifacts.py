@@ -5,6 +5,7 @@ fine-tuning, a whole diffusers pipeline folder; and a model card."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from peft.utils import get_peft_model_state_dict
 
 from lora_dpo.models.adapters import ADAPTER_NAME
 from lora_dpo.models.families import get_family, pipeline_class
-from lora_dpo.models.lora_files import WEIGHT_NAME
+from lora_dpo.models.lora_files import WEIGHT_NAME, match_output_mode
 from lora_dpo.models.pretrained import is_hub_id
 
 
@@ -29,7 +30,8 @@ def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
     it renames only the attention projections (``.lora.down.weight``) and leaves other modules in PEFT names, and
     diffusers' loader decides from the first key alone whether to convert, so an adapter on attention and, e.g.,
     ``proj_in`` would silently lose its attention weights on ``load_lora_weights``. ``family``: the registry name
-    (:mod:`lora_dpo.models.families`), whose pipeline class writes the file.
+    (:mod:`lora_dpo.models.families`), whose pipeline class writes the file. The file gets the mode of a plain new
+    file (``0o666`` less the umask: :func:`lora_dpo.models.lora_files.match_output_mode`).
     """
     save_dir = Path(save_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
@@ -37,6 +39,7 @@ def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
     layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
     get_family(family).save_lora_weights(save_dir, layers, metadata, WEIGHT_NAME)
+    match_output_mode(save_dir / WEIGHT_NAME)
     return save_dir / WEIGHT_NAME
 
 
@@ -46,13 +49,17 @@ def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, f
     The VAE, text encoder(s), tokenizer(s), scheduler (and SD1.5's safety checker, if the base has one) are
     re-read from ``model_cfg.pretrained_model_name_or_path`` in fp32, not taken from training, where they may
     sit in half precision. The family's pipeline class (``StableDiffusionPipeline.from_pretrained(save_dir)``, or
-    the SDXL class) opens the result. Returns the path of ``model_index.json``.
+    the SDXL class) opens the result. Its files get the mode of a plain new file (``0o666`` less the umask), not
+    safetensors' ``0600``. Returns the path of ``model_index.json``.
     """
     cls = pipeline_class(family)
     pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, unet=unet, revision=model_cfg.revision,
                                variant=model_cfg.variant, use_safetensors=True)
     pipe.save_pretrained(save_dir, safe_serialization=True)
-    return Path(save_dir) / "model_index.json"
+    save_dir = Path(save_dir)  # what save_pretrained wrote: the index and one folder per component
+    match_output_mode(save_dir / "model_index.json", *(save_dir / name for name, part in pipe.components.items()
+                                                        if part is not None))
+    return save_dir / "model_index.json"
 
 
 def export_policy(policy, run_dir: str | Path, cfg, family: str,
@@ -88,11 +95,47 @@ BASE_LICENSES = {
 }
 
 
+def card_base_model(model: str | Path) -> str:
+    """How every model card names its base model: a hub id as written, a local folder as its absolute path
+    (``~`` expanded, ``..`` removed, symbolic links kept), so the run's card and a merged model's card agree
+    whichever directory the command ran from."""
+    model = str(model)
+    return model if is_hub_id(model) else os.path.abspath(os.path.expanduser(model))
+
+
+def card_prompt(caption: str | None) -> str:
+    """The example line of a card's usage snippet: ``image = pipe(<caption>).images[0]`` with a caption of the run's
+    own training data (a Python string literal), or, when none is known, a ``prompt`` placeholder with a comment
+    saying to use a caption like the training data's (never a stock prompt the model was not trained on)."""
+    if caption and caption.strip():
+        return f"image = pipe({json.dumps(caption.strip(), ensure_ascii=False)}).images[0]  # a training caption"
+    return ('prompt = "..."  # write a caption in the style of the training data\n'
+            "image = pipe(prompt).images[0]")
+
+
+def training_caption(dataset, caption_column: str = "caption") -> str | None:
+    """The first caption a run trains on, for its model card (:func:`write_model_card`'s ``prompt``): the first
+    kept row's of a :class:`lora_dpo.data.pairs.PairDataset` / :class:`lora_dpo.data.unpaired.LabeledImages`
+    (their ``dataset``: the kept rows), the first distinct caption of a
+    :class:`lora_dpo.data.cache.CachedPairDataset` (its ``texts``); None for a stream (``dataset`` None), an
+    empty data set or anything else. Reads one row."""
+    rows, column = getattr(dataset, "texts", None), "caption"
+    if rows is None:
+        rows, column = getattr(dataset, "dataset", None), caption_column
+    if rows is None and hasattr(dataset, "column_names"):  # the kept rows themselves (a datasets.Dataset)
+        rows = dataset
+    if rows is None or column not in getattr(rows, "column_names", ()) or len(rows) == 0:
+        return None
+    caption = rows.select_columns([column])[0][column]
+    return caption if isinstance(caption, str) and caption.strip() else None
+
+
 def card_front_matter(base: str, family: str, relation: str, datasets: list[str] = ()) -> str:
     """The YAML front matter of a Hugging Face model card, between ``---`` lines (``huggingface_hub``'s writer).
 
     Args:
-        base: the base model's hub id or folder (``base_model``; the Hub links a hub id to its base).
+        base: the base model's hub id or folder (``base_model``, written as :func:`card_base_model` gives it: the
+            Hub links a hub id to its base).
         family: the base's family (registry name): its tags (``stable-diffusion``, ``stable-diffusion-xl``).
         relation: ``adapter`` (a LoRA), ``merge`` (a LoRA fused into the base) or ``finetune`` (full fine-tune):
             the Hub's ``base_model_relation``.
@@ -102,7 +145,7 @@ def card_front_matter(base: str, family: str, relation: str, datasets: list[str]
     if relation == "adapter":
         tags.insert(2, "lora")
     data = ModelCardData(
-        base_model=base, base_model_relation=relation, library_name="diffusers", pipeline_tag="text-to-image",
+        base_model=card_base_model(base), base_model_relation=relation, library_name="diffusers", pipeline_tag="text-to-image",
         license=BASE_LICENSES.get(base, "other"), tags=tags,
         datasets=[d for d in datasets if is_hub_id(d)] or None,
     )
@@ -118,10 +161,16 @@ def _never_moved_warning(final_metrics: dict[str, Any]) -> str:
             "`loss.beta` or `optim.lr`, or check the data.\n")
 
 
-def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict) -> Path:
+def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict,
+                     prompt: str | None = None) -> Path:
     """A Hugging Face model card ``README.md`` for the run folder: front matter (:func:`card_front_matter`), base
-    model, data, recipe, final metrics, and how to load the result."""
-    base = cfg.model.pretrained_model_name_or_path
+    model, data, recipe, final metrics, and how to load the result. Returns its path.
+
+    The usage snippet prompts with ``prompt`` (a caption the run trained on: :func:`training_caption`), else the
+    data report's ``example_caption``, else a placeholder (:func:`card_prompt`). The base model is named as
+    :func:`card_base_model` gives it (a local folder: its absolute path).
+    """
+    base = card_base_model(cfg.model.pretrained_model_name_or_path)
     cls = pipeline_class(family).__name__
     shown = {k: final_metrics[k] for k in ("loss", "rewards/accuracies", "rewards/margins") if k in final_metrics}
     if cfg.train.mode == "full":
@@ -158,7 +207,7 @@ def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[
 ```python
 from diffusers import {cls}
 {use}
-image = pipe("a photo of a cat").images[0]
+{card_prompt(prompt or data_report.get("example_caption"))}
 ```
 {other}"""
     path = Path(run_dir) / "README.md"

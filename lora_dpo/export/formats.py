@@ -17,7 +17,6 @@ import torch
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils.other import get_pattern_key
-from safetensors.torch import save_file
 
 from lora_dpo.models.families import get_family
 from lora_dpo.models.lora_files import (
@@ -26,6 +25,7 @@ from lora_dpo.models.lora_files import (
     lora_metadata,
     read_lora_file,
     resolve_lora_file,
+    save_safetensors,
 )
 
 FORMATS = ("diffusers", "peft", "kohya")
@@ -93,8 +93,7 @@ def _save_kohya(pairs: dict, config: dict, target: Path, family: str, unet_confi
     metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(config["r"]),
                 "ss_network_alpha": str(Counter(alphas).most_common(1)[0][0]), "ss_base_model_version": version,
                 "modelspec.architecture": architecture, "modelspec.sai_model_spec": "1.0.0"}
-    save_file(state, str(target), metadata=metadata)
-    return target
+    return save_safetensors(state, target, metadata)
 
 
 def export_adapter(adapter: str | Path, out: str | Path, fmt: str, family: str, unet_config=None) -> Path:
@@ -116,7 +115,8 @@ def export_adapter(adapter: str | Path, out: str | Path, fmt: str, family: str, 
 
     Args:
         adapter: the adapter file, or a folder holding ``pytorch_lora_weights.safetensors``.
-        out: the output folder (created; existing files are overwritten), or the kohya file.
+        out: the output folder (created; existing files are overwritten), or the kohya file. The files written get
+            the mode of a plain new file (``0o666`` less the umask), not safetensors' ``0600``.
         fmt: one of :data:`FORMATS`.
         family: the base's family (registry name: ``sd15``, ...).
         unet_config: the base UNet's config (``unet.config``, a dict, its ``config.json`` or the base model
@@ -141,9 +141,7 @@ def export_adapter(adapter: str | Path, out: str | Path, fmt: str, family: str, 
     prefix = "unet." if fmt == "diffusers" else "base_model.model."
     state = {f"{prefix}{m}.lora_{ab}.weight": t.contiguous() for m, pair in pairs.items() for ab, t in zip("AB", pair)}
     if fmt == "diffusers":
-        save_file(state, str(target), metadata=header)
-        return target
+        return save_safetensors(state, target, header)
     known = {f.name for f in dataclasses.fields(LoraConfig) if f.init}  # a header from another PEFT version
     LoraConfig(**{k: v for k, v in config.items() if k in known}).save_pretrained(str(out))
-    save_file(state, str(target), metadata={"format": "pt"})
-    return target
+    return save_safetensors(state, target, {"format": "pt"})

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from lora_dpo.export.artifacts import card_front_matter
+from lora_dpo.export.artifacts import card_base_model, card_front_matter
 from lora_dpo.models.families import pipeline_class
 from lora_dpo.models.loading import DTYPES, detect_family, read_model_index, safetensors_only
-from lora_dpo.models.lora_files import check_adapter_fits_model, load_adapter
+from lora_dpo.models.lora_files import check_adapter_fits_model, load_adapter, match_output_mode
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ def merge_adapter(model: str, adapter: str | Path, out: str | Path, *, scale: fl
         model: the base pipeline (hub id or folder) the adapter was trained on.
         adapter: a lora-dpo run folder or a LoRA ``.safetensors`` file (diffusers or kohya layout).
         out: the folder to write: a complete pipeline (``model_index.json``, ``unet/``, ``vae/``, ...), or with
-            ``unet_only`` a ``UNet2DConditionModel`` folder (``config.json``, ``diffusion_pytorch_model.safetensors``).
+            ``unet_only`` a ``UNet2DConditionModel`` folder (``config.json``, ``diffusion_pytorch_model.safetensors``);
+            its files get the mode of a plain new file (``0o666`` less the umask), its card names a local ``model``
+            by its absolute path.
         scale: the adapter's strength (1.0 = as trained; the same as ``pipe.set_adapters(name, scale)``).
         dtype: ``float32``, ``float16`` or ``bfloat16`` of the saved weights (fusing is always fp32).
     Returns:
@@ -73,7 +75,7 @@ def merge_adapter(model: str, adapter: str | Path, out: str | Path, *, scale: fl
     (out / "README.md").write_text(card_front_matter(str(model), family, "merge") + f"""
 # Merged: {file.parent.name}
 
-`{model}` with the LoRA `{file}` fused into its weights at scale {scale} ({modules} UNet modules), saved in
+`{card_base_model(model)}` with the LoRA `{file}` fused into its weights at scale {scale} ({modules} UNet modules), saved in
 {dtype} by lora-dpo merge. Load it without PEFT or the adapter:
 
 ```python
@@ -81,6 +83,7 @@ from diffusers import {type(pipe).__name__ if not unet_only else "UNet2DConditio
 model = {load}
 ```
 """)
+    match_output_mode(out)  # safetensors writes 0600 files: give them the umask's mode, as README.md has
     log.info("merged %s into %s at scale %g: %s", file, model, scale, out)
     del pipe
     if torch.cuda.is_available():

@@ -43,8 +43,10 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from lora_dpo.models.lora_files import save_safetensors
 
 
 def check_lengths(images: list, prompts: list) -> None:
@@ -268,7 +270,8 @@ def save_aesthetic_predictor(directory: str | Path, state_dict: dict[str, torch.
     _load_head_state(head, state_dict, "state_dict")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous() for k, v in head.state_dict().items()}, directory / AESTHETIC_WEIGHTS)
+    save_safetensors({k: v.detach().float().contiguous() for k, v in head.state_dict().items()},
+                     directory / AESTHETIC_WEIGHTS)
     config = {"format": _AESTHETIC_FORMAT, "layers": [int(n) for n in layers], "dropout": list(dropout), "clip": clip,
               "input": "L2-normalised CLIP image embedding (projected)", **extra}
     (directory / AESTHETIC_CONFIG).write_text(json.dumps(config, indent=2) + "\n")

@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
@@ -45,6 +45,7 @@ from lora_dpo.feedback.clip_scorers import (  # noqa: F401  (re-exported: the sc
     save_aesthetic_predictor,
 )
 from lora_dpo.feedback.prompts import digit_of
+from lora_dpo.models.lora_files import save_safetensors
 
 CLASSIFIER_WEIGHTS, CLASSIFIER_CONFIG = "classifier.safetensors", "classifier.json"
 _FORMAT = "lora_dpo.digit_classifier/1"
@@ -190,7 +191,7 @@ class DigitClassifierScorer:
         held-out accuracy, split seed) into ``directory`` (created). No pickle. Returns the directory."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.net.state_dict().items()}, directory / CLASSIFIER_WEIGHTS)
+        save_safetensors({k: v.contiguous() for k, v in self.net.state_dict().items()}, directory / CLASSIFIER_WEIGHTS)
         (directory / CLASSIFIER_CONFIG).write_text(json.dumps(self.config, indent=2) + "\n")
         return directory
 

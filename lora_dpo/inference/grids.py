@@ -4,7 +4,7 @@ column per seed. ``lora-dpo generate`` and ``lora-dpo eval`` draw it; the traini
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -13,6 +13,7 @@ LABEL_HEIGHT = 16
 SIDE_WIDTH = 44
 TILE_TARGET = 96  # small images are enlarged (NEAREST, by an integer factor) to about this size
 MAX_TILE = 256  # large images are shrunk to this size
+ELLIPSIS = "..."  # ends a label cut to the grid's width
 
 
 def tile_size(side: int) -> int:
@@ -30,12 +31,43 @@ def grid_size(n_prompts: int, n_cols: int, tile: int, label_height: int = LABEL_
     return side_width + n_cols * tile, n_prompts * (label_height + 2 * tile)
 
 
-def _fit_text(draw, text: str, font, width: int) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
+def layout_label(text: str, width: float, measure: Callable[[str], float], gap: float) -> list[tuple[float, str]]:
+    """Where each word of a one-line label goes: ``[(x, word), ...]``, x in pixels from the label's left edge.
+
+    Every space of ``text`` stays a space ``gap`` pixels wide (two spaces, two gaps): the words are placed one by
+    one rather than drawn as one string, because the default font's space glyph is about 2 px wide at the label's
+    size and words drawn as one string run together ("a handwritten digitseven"). A label wider than ``width`` is
+    cut after the last whole word that fits, followed by ``...``; a first word that alone does not fit is cut
+    letter by letter.
+
+    Args:
+        text: the label. width: the room, in pixels. measure: a string's drawn width in pixels (e.g.
+            ``lambda s: draw.textlength(s, font=font)``). gap: the width of one space, in pixels.
+    """
+    placed, x = [], 0.0
+    for word in text.split(" "):
+        if word:
+            placed.append((x, word))
+            x += measure(word)
+        x += gap
+    if not placed or placed[-1][0] + measure(placed[-1][1]) <= width:
+        return placed
+    dots = measure(ELLIPSIS)
+    while placed and placed[-1][0] + measure(placed[-1][1]) + dots > width:
+        placed.pop()
+    if placed:
+        x, word = placed[-1]
+        return [*placed, (x + measure(word), ELLIPSIS)]
+    first = text.strip(" ").split(" ")[0]
+    while first and measure(first + ELLIPSIS) > width:
+        first = first[:-1]
+    return [(0.0, first + ELLIPSIS)]
+
+
+def word_gap(measure: Callable[[str], float]) -> float:
+    """The drawn width of a space in grid labels, in pixels: the font's own space, but at least 0.6 of an ``n``
+    (the default font's 2 px space is not seen as a gap)."""
+    return max(measure(" "), 0.6 * measure("n"))
 
 
 def make_grid(prompts: Sequence[str], base_rows: Sequence[Sequence[Image.Image]],
@@ -44,7 +76,8 @@ def make_grid(prompts: Sequence[str], base_rows: Sequence[Sequence[Image.Image]]
 
     Column j of both rows should come from the same seed. Tiles are resized to ``tile`` pixels (default
     :func:`tile_size` of the first image): NEAREST when enlarging (pixels stay crisp), LANCZOS when shrinking.
-    The row names (``base``, ``tuned``) sit in a left column. Size: exactly :func:`grid_size` ``(len(prompts),
+    The row names (``base``, ``tuned``) sit in a left column. Each prompt is one line, its spaces kept and a prompt
+    too long for the grid's width cut after a whole word (:func:`layout_label`). Size: exactly :func:`grid_size` ``(len(prompts),
     longest row, tile)``.
 
     Raises:
@@ -62,10 +95,12 @@ def make_grid(prompts: Sequence[str], base_rows: Sequence[Sequence[Image.Image]]
     canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
     font = ImageFont.load_default()
+    measure = lambda s: draw.textlength(s, font=font)  # noqa: E731
     for i, prompt in enumerate(prompts):
         y0 = i * (LABEL_HEIGHT + 2 * tile)
         draw.rectangle((0, y0, width - 1, y0 + LABEL_HEIGHT - 1), fill=(228, 228, 228))
-        draw.text((4, y0 + 2), _fit_text(draw, prompt, font, width - 8), fill=(0, 0, 0), font=font)
+        for x, word in layout_label(prompt, width - 8, measure, word_gap(measure)):
+            draw.text((4 + x, y0 + 2), word, fill=(0, 0, 0), font=font)
         for r, (name, row) in enumerate((("base", base_rows[i]), ("tuned", tuned_rows[i]))):
             y = y0 + LABEL_HEIGHT + r * tile
             draw.text((4, y + tile // 2 - 6), name, fill=(0, 0, 0), font=font)

@@ -5,11 +5,16 @@ through :func:`resolve_lora_file`, which refuses pickle files (``.bin``, ``.pt``
 can run arbitrary code), and through :func:`check_adapter_fits` before the weights touch a UNet, so an SDXL adapter
 loaded onto SD1.5 (or the reverse) fails with a message that names the two models, not with a shape error deep
 inside PEFT.
+
+Writing: every safetensors file the kit writes goes through :func:`save_safetensors` (or, when a library writes it,
+:func:`match_output_mode` after), so it gets the mode of the kit's other outputs (``0o666`` less the umask), not
+safetensors' ``0600``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -17,6 +22,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from lora_dpo.errors import AdapterMismatchError, CorruptFileError, UnsafeFileError
 from lora_dpo.models.families import family_for_index, family_of_pipeline, get_family
@@ -30,6 +36,53 @@ CROSS_ATTENTION_WIDTH = {768: "SD1.x", 1024: "SD2.x", 2048: "SDXL"}
 # How a LoRA file names its down (A) and up (B) matrices, in the layouts diffusers reads back.
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
 _UP_SUFFIXES = (".lora_B.weight", ".lora.up.weight", ".lora_up.weight", ".lora_linear_layer.up.weight")
+
+
+def output_mode() -> int:
+    """The permission bits a plain new file of this process gets: ``0o666`` less the umask (``0o644`` under umask
+    ``022``, ``0o664`` under ``002``). The umask is read from ``/proc/self/status`` where there is one, else by
+    setting it and restoring it at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def match_output_mode(*paths: str | Path) -> None:
+    """Give each file of ``paths``, and every file under each folder of ``paths``, the mode of a plain new file
+    (:func:`output_mode`), so a team that shares the output folder can read them.
+
+    Needed after every safetensors write: safetensors (0.8) writes each file as a temporary file made with mode
+    ``0600`` and renames it into place (atomic), so ``save_file`` and diffusers' / transformers' ``save_pretrained``
+    and ``save_lora_weights`` leave ``0600`` files whatever the umask. Paths that do not exist and symbolic links
+    are left alone.
+
+    Raises:
+        OSError: a file whose mode cannot be changed (not the caller's).
+    """
+    mode = output_mode()
+    for path in map(Path, paths):
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file() and not file.is_symlink():
+                os.chmod(file, mode)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """``safetensors.torch.save_file`` (atomic: a temporary file renamed into place), then the mode of a plain new
+    file (:func:`match_output_mode`) instead of safetensors' ``0600``. Returns the path written.
+
+    Raises:
+        OSError: the folder does not exist or cannot be written (a full disk: ``errno.ENOSPC``).
+    """
+    save_file(tensors, str(path), metadata=metadata)
+    match_output_mode(path)
+    return Path(path)
 
 
 def converted_name(path: Path) -> Path:

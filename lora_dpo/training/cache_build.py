@@ -17,7 +17,6 @@ from typing import Any
 
 import datasets
 import torch
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from lora_dpo.data.cache import (
@@ -40,6 +39,7 @@ from lora_dpo.models.loading import (
     predict,
     unet_conditioning,
 )
+from lora_dpo.models.lora_files import save_safetensors
 from lora_dpo.training.run_folder import LOCK_FILE, RunLock
 from lora_dpo.training.setup import setup_policy
 from lora_dpo.training.steps import noised_latents
@@ -100,7 +100,7 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
             # in train mode, as in training (CPU kernels differ)
             _, policy, _ = setup_policy(cfg, device, components)
         empty = {k: v.float().cpu().contiguous() for k, v in encode_prompts(components, [""]).items()}
-        save_file({k: v[0] for k, v in empty.items()}, str(out / EMPTY_CAPTION))
+        save_safetensors({k: v[0] for k, v in empty.items()}, out / EMPTY_CAPTION)
         manifest = manifest or {
             "key": key, "complete": False, "pairs": len(dataset) if dataset is not None else None,
             "pairs_done": 0,

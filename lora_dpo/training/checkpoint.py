@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from lora_dpo.errors import CheckpointError, DiskFullError
+from lora_dpo.models.lora_files import save_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def _save_rng(folder: Path) -> None:
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda_{i}"] = s
-    save_file(tensors, folder / "rng_state.safetensors")
+    save_safetensors(tensors, folder / "rng_state.safetensors")
     py_version, py_state, py_gauss = random.getstate()
     extra = {"numpy": [kind, pos, has_gauss, cached], "python": [py_version, list(py_state), py_gauss]}
     _write_text(folder / "rng_state.json", json.dumps(extra))
@@ -381,7 +382,8 @@ def _disk_full(root: Path, tmp: Path, step: int, weights: dict, optimizer) -> Di
 
 def _write_state(tmp: Path, step: int, weights, optimizer, lr_scheduler, scaler, trainer_state: dict,
                  recipe_yaml: str) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable_weights.safetensors")
+    save_safetensors({k: v.detach().cpu().contiguous() for k, v in weights.items()},
+                     tmp / "trainable_weights.safetensors")
     if optimizer is not None:
         _torch_save(optimizer.state_dict(), tmp / "optimizer.pt")
     _torch_save(lr_scheduler.state_dict(), tmp / "scheduler.pt")

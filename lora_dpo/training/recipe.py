@@ -37,7 +37,7 @@ from lora_dpo.data.cache import check_cache
 from lora_dpo.data.loader import MicroBatches, StreamedMicroBatches
 from lora_dpo.data.streaming import merge_reports
 from lora_dpo.errors import TrainingDiverged
-from lora_dpo.export.artifacts import export_policy, write_model_card
+from lora_dpo.export.artifacts import export_policy, training_caption, write_model_card
 from lora_dpo.models.loading import read_model_index
 from lora_dpo.models.lora_files import check_adapter_fits_model
 from lora_dpo.models.policy import Policy, run_reference_lora
@@ -413,7 +413,8 @@ class PreferenceRecipe:
             (self.run_dir / "data_report.json").write_text(json.dumps(data_report, indent=2))
             family = self.components.family
             result.adapter_path = export_policy(self.policy, self.run_dir, self.cfg, family, full_state)
-            write_model_card(self.run_dir, self.cfg, family, self.final, data_report)
+            write_model_card(self.run_dir, self.cfg, family, self.final, data_report,
+                             prompt=training_caption(self.dataset, self.cfg.data.caption_column))
         self.accelerator.wait_for_everyone()
         return result
 
