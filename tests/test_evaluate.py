@@ -228,7 +228,8 @@ def test_base_images_are_adapter_free_and_tuned_images_are_not(evaluated, tiny_s
     assert all(np.array_equal(a, b) for a, b in zip(fresh, saved["base"]))  # the base really had no adapter
     pipe.load_lora_weights(trained_run)
     adapted = [np.asarray(im) for im in generate_images(pipe, prompts, seeds, **kw)]
-    assert all(np.array_equal(a, b) for a, b in zip(adapted, saved["tuned"]))  # the tuned set had it
+    # the tuned set had it (fused for sampling: the rounding moves a pixel by one level at most)
+    assert all(np.abs(a.astype(np.int16) - b).max() <= 1 for a, b in zip(adapted, saved["tuned"]))
     assert report["identical_images"] < 6
     assert sum(not np.array_equal(a, b) for a, b in zip(saved["base"], saved["tuned"])) == 6 - report[
         "identical_images"] > 0

@@ -89,16 +89,19 @@ def _load_policy(run_dir: str | Path, cfg: RecipeConfig, state: dict[str, torch.
 
 @torch.no_grad()
 def _pair_margins(components: Components, reference: Reference, loader: torch.utils.data.DataLoader, beta: float,
-                  draws: int, seed: int, accelerator: _EvalAccelerator,
-                  skipped: dict[str, int]) -> list[torch.Tensor]:
+                  draws: int, seed: int, accelerator: _EvalAccelerator, skipped: dict[str, int],
+                  progress: Any = None) -> list[torch.Tensor]:
     """Eq. 14's margin ``u`` of every pair the loader yields, for ``draws`` keyed draws each: a list of ``(B, K)``
-    float64 tensors, one per batch with pairs. Rows the loader skips are counted into ``skipped`` (by reason)."""
+    float64 tensors, one per batch with pairs. Rows the loader skips are counted into ``skipped`` (by reason);
+    ``progress`` (a tqdm bar, or None) advances by one per row read."""
     implicit = LossConfig(beta=beta)  # Diffusion-DPO's margin, whatever loss trained the adapter
     margins = []
     for batch in loader:
         for reason, n in (batch.skipped or {}).items():
             skipped[reason] = skipped.get(reason, 0) + n
         if batch.num_pairs == 0:
+            if progress is not None:
+                progress.update(batch.num_skipped)
             continue
         per_draw = []
         for k in range(draws):
@@ -107,13 +110,15 @@ def _pair_margins(components: Components, reference: Reference, loader: torch.ut
                                         accelerator.dtype)
             per_draw.append(metrics["rewards/margins"].double().cpu())
         margins.append(torch.stack(per_draw, dim=1))  # (B, K)
+        if progress is not None:
+            progress.update(batch.num_pairs + batch.num_skipped)
     return margins
 
 
 def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pairs: str | Path, *, draws: int = 4,
                              seed: int = 0, batch_size: int = 8, max_pairs: int | None = None,
-                             device: str | torch.device = "cpu",
-                             dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+                             device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                             progress: Any = None) -> dict[str, Any]:
     """DPO implicit-reward accuracy of the run's adapter on held-out preference pairs.
 
     Per pair, the margin of Wallace et al. Eq. 14, ``u = -0.5·β·[(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]``
@@ -130,6 +135,8 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pai
     Args:
         cfg: the run's :class:`lora_dpo.config.RecipeConfig` (``model``, ``lora``, ``data``, ``loss.beta``).
         dtype: frozen weights' dtype (the adapter stays fp32); half precision runs under autocast.
+        progress: a tqdm bar to advance (or None): its total grows by the rows to read, and it moves by one per
+            row read (a pair, or a row skipped).
     Returns:
         ``{"accuracy", "margin_mean", "margin_std" (over pairs, of the per-pair mean margin),
         "per_draw_accuracy" (fraction of (pair, draw) with u > 0), "n_pairs", "draws", "seed", "beta",
@@ -147,8 +154,11 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pai
     loader = torch.utils.data.DataLoader(PairDataset(dataset, data_cfg, seed), batch_size=batch_size,
                                          shuffle=False, collate_fn=collate_pairs)
     skipped = dict(report.get("skipped", {}))
+    if progress is not None:
+        progress.total += len(dataset)
+        progress.refresh()
     margins = _pair_margins(components, reference, loader, cfg.loss.beta, draws, seed,
-                            _EvalAccelerator(device, dtype), skipped)
+                            _EvalAccelerator(device, dtype), skipped, progress)
     if not margins:
         raise ValueError(f"no held-out pair of {heldout_pairs} could be decoded: {skipped}")
     u = torch.cat(margins).numpy()  # (P, K)

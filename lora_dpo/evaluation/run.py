@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
 from lora_dpo.config import RecipeConfig, load_config
 from lora_dpo.evaluation.figures import plot_training_curves
@@ -44,7 +45,7 @@ from lora_dpo.evaluation.stats import win_outcomes
 from lora_dpo.feedback.prompts import digit_of
 from lora_dpo.feedback.scorers import load_scorer
 from lora_dpo.inference.grids import make_grid
-from lora_dpo.inference.sampling import generate_images, load_pipeline
+from lora_dpo.inference.sampling import fused_adapters, generate_images, load_pipeline, quiet_loading
 from lora_dpo.models.loading import DTYPES, detect_family, read_model_index
 from lora_dpo.models.lora_files import WEIGHT_NAME, load_adapter
 
@@ -108,18 +109,23 @@ def _load_run(run_dir: Path, prompts: list[str], seeds_per_prompt: int, dtype: s
 
 
 def _generate_base_and_tuned(cfg: RecipeConfig, run_dir: Path, plan: _Comparisons, sampler: dict[str, Any],
-                             device: torch.device, dtype: torch.dtype,
-                             timing: dict[str, float]) -> tuple[list[Image.Image], list[Image.Image]]:
-    """The base set, then the adapter goes in and the tuned set comes from the same seeds; ``sampler``:
-    :func:`lora_dpo.inference.sampling.generate_images`'s settings. Adds the generation times to ``timing``."""
+                             device: torch.device, dtype: torch.dtype, timing: dict[str, float],
+                             bar: tqdm) -> tuple[list[Image.Image], list[Image.Image]]:
+    """The base set, then the adapter goes in and the tuned set comes from the same seeds, the adapter fused into
+    the weights while it samples (:func:`lora_dpo.inference.sampling.fused_adapters`); ``sampler``:
+    :func:`lora_dpo.inference.sampling.generate_images`'s settings. Adds the generation times to ``timing`` and
+    advances ``bar`` by one per image."""
     pipe = load_pipeline(cfg.model.pretrained_model_name_or_path, device=device, dtype=dtype,
                          revision=cfg.model.revision, variant=cfg.model.variant)
     t0 = time.perf_counter()
-    base_images = generate_images(pipe, plan.flat_prompts, plan.flat_seeds, **sampler)
+    bar.set_description("eval: base images")
+    base_images = generate_images(pipe, plan.flat_prompts, plan.flat_seeds, **sampler, on_batch=bar.update)
     timing["generation_base_s"] = time.perf_counter() - t0
     load_adapter(pipe, Path(run_dir) / WEIGHT_NAME, "tuned")
     t0 = time.perf_counter()
-    tuned_images = generate_images(pipe, plan.flat_prompts, plan.flat_seeds, **sampler)
+    bar.set_description("eval: tuned images")
+    with fused_adapters(pipe):
+        tuned_images = generate_images(pipe, plan.flat_prompts, plan.flat_seeds, **sampler, on_batch=bar.update)
     timing["generation_tuned_s"] = time.perf_counter() - t0
     del pipe
     if device.type == "cuda":
@@ -207,7 +213,8 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
         dtype: ``float32``, ``float16`` or ``bfloat16``, the pipeline's (and the implicit reward's) weights.
         save_images: also write each image as ``<out_dir>/eval_samples/{base,tuned}/<prompt>_<seed>.png``
             (prompt index, 3 digits).
-        progress: show the sampler's progress bars.
+        progress: one progress bar (stderr, with an ETA) over the evaluation: the base images, the tuned images
+            and the held-out pairs of the implicit reward. The pipeline's own per-call bars are always off.
 
     Returns:
         The report written to ``eval.json``: ``n_comparisons``; ``reward_{base,tuned}_{mean,std}``,
@@ -265,22 +272,30 @@ def _compare(cfg: RecipeConfig, run_dir: Path, out_dir: Path, scorer: Any, setti
     plan = _Comparisons(settings["prompts"], settings["seeds"])
     sampler = dict(num_inference_steps=settings["num_inference_steps"], guidance_scale=settings["guidance_scale"],
                    height=settings["resolution"], width=settings["resolution"], batch_size=settings["batch_size"],
-                   progress=progress)
+                   progress=False)
     timing: dict[str, float] = {}
-    base_images, tuned_images = _generate_base_and_tuned(cfg, run_dir, plan, sampler, device, dtype, timing)
-    t0 = time.perf_counter()
-    scores = _score(scorer, plan, base_images, tuned_images)
-    timing["scoring_s"] = time.perf_counter() - t0
-    stats = comparison_stats(scores, base_images, tuned_images, plan.groups)
-    per_prompt = per_prompt_stats(plan.prompts, len(plan.seeds), scores, base_images, tuned_images)
-    paths = _save_pictures(plan, base_images, tuned_images, cfg, run_dir, out_dir, grid_prompts=grid_prompts,
-                           grid_seeds=grid_seeds, save_images=save_images)
-    implicit = None
-    if settings["heldout_pairs"] is not None:
+    # One bar over the whole evaluation: base and tuned images, then (their total known once they load) the
+    # held-out pairs. Its ETA counts items of unequal cost: an image is num_inference_steps sampler steps, a pair
+    # implicit_draws single-step passes.
+    with tqdm(total=2 * len(plan.flat_prompts), desc="eval", unit="item", disable=not progress,
+              dynamic_ncols=True) as bar, quiet_loading():
+        base_images, tuned_images = _generate_base_and_tuned(cfg, run_dir, plan, sampler, device, dtype, timing, bar)
         t0 = time.perf_counter()
-        implicit = implicit_reward_accuracy(run_dir, cfg, settings["heldout_pairs"], draws=settings["implicit_draws"],
-                                            max_pairs=settings["max_heldout_pairs"], device=device, dtype=dtype)
-        timing["implicit_reward_s"] = time.perf_counter() - t0
+        scores = _score(scorer, plan, base_images, tuned_images)
+        timing["scoring_s"] = time.perf_counter() - t0
+        stats = comparison_stats(scores, base_images, tuned_images, plan.groups)
+        per_prompt = per_prompt_stats(plan.prompts, len(plan.seeds), scores, base_images, tuned_images)
+        paths = _save_pictures(plan, base_images, tuned_images, cfg, run_dir, out_dir, grid_prompts=grid_prompts,
+                               grid_seeds=grid_seeds, save_images=save_images)
+        implicit = None
+        if settings["heldout_pairs"] is not None:
+            t0 = time.perf_counter()
+            bar.set_description("eval: implicit reward")
+            implicit = implicit_reward_accuracy(run_dir, cfg, settings["heldout_pairs"],
+                                                draws=settings["implicit_draws"],
+                                                max_pairs=settings["max_heldout_pairs"], device=device, dtype=dtype,
+                                                progress=bar)
+            timing["implicit_reward_s"] = time.perf_counter() - t0
     files = {"eval_json": out_dir / REPORT_FILE, "grid": paths["grid"], "training_curves": paths["curves"],
              "samples_dir": paths["samples_dir"]}
     return {

@@ -16,6 +16,8 @@ from __future__ import annotations
 import io
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import skimage.data
 import sklearn.datasets
+import torch
 from accelerate.state import AcceleratorState, PartialState
 from PIL import Image, ImageFilter
 
@@ -35,6 +38,10 @@ from lora_dpo.world.build import WORLD_DIR
 log = logging.getLogger(__name__)
 
 DIGITS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "digits" / "lora_dpo.yaml"
+# Torch intra-op threads for the demo (the digits world's model is small: many small ops, each too short to gain
+# from a second thread and badly slowed by one when another process shares the cores). None: torch's own default
+# (one per core). `benchmarks/demo_threads.py` measures the choice; this line is the default `lora-dpo demo` uses.
+DEMO_NUM_THREADS: int | None = 1
 
 # (file, caption); files from skimage/data unless marked sklearn.
 PHOTOS = [
@@ -104,17 +111,52 @@ def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 6
     return path
 
 
-def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] = (),
-                       seeds_per_prompt: int = 40) -> tuple[object, dict]:
-    """Train a recipe on the committed digits world, then evaluate it against the base model on held-out seeds
-    (10 digit prompts × ``seeds_per_prompt``) and the held-out preference pairs. Returns ``(TrainResult, report)``;
-    the report is :func:`lora_dpo.evaluation.run.evaluate_run`'s plus ``train_time_s``.
+@contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(num_threads)`` (None: the count as it is) and put the previous
+    count back afterwards, also on error. Yields the count in use.
 
     Raises:
+        ValueError: ``num_threads`` < 1.
+    """
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads={num_threads} must be >= 1 (or None: torch's default)")
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] = (),
+                       seeds_per_prompt: int = 40, num_threads: int | None = DEMO_NUM_THREADS,
+                       progress: bool = True) -> tuple[object, dict]:
+    """Train a recipe on the committed digits world, then evaluate it against the base model on held-out seeds
+    (10 digit prompts × ``seeds_per_prompt``) and the held-out preference pairs. Returns ``(TrainResult, report)``;
+    the report is :func:`lora_dpo.evaluation.run.evaluate_run`'s plus ``train_time_s`` and ``torch_threads``.
+
+    Args:
+        num_threads: torch intra-op threads for training and evaluation (:func:`torch_threads`; None: torch's
+            default, one per core); default :data:`DEMO_NUM_THREADS`.
+        progress: the evaluation's progress bar over its comparisons.
+    Raises:
         FileNotFoundError: the digits world is missing (rebuild it with ``lora-dpo world build``).
+        ValueError: ``num_threads`` < 1.
     """
     if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
         raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
+    with torch_threads(num_threads) as threads:
+        log.info("demo: %d torch thread(s)", threads)
+        result, report = _train_and_evaluate(recipe, overrides, seeds_per_prompt, progress)
+        report["torch_threads"] = threads
+    return result, report
+
+
+def _train_and_evaluate(recipe: str | Path, overrides: list[str], seeds_per_prompt: int,
+                        progress: bool) -> tuple[object, dict]:
+    """:func:`train_and_evaluate`'s work, in the thread count it set."""
     cfg = load_config(recipe, [f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",
                                f"data.dataset={WORLD_DIR / 'prefs' / 'train.parquet'}", *overrides])
     started = time.perf_counter()
@@ -126,6 +168,7 @@ def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] 
     report = evaluate_run(
         result.run_dir, scorer_spec=str(WORLD_DIR / "scorer"), prompts=load_prompts("digits"),
         seeds_per_prompt=seeds_per_prompt, heldout_pairs=str(WORLD_DIR / "prefs" / "heldout.parquet"),
+        progress=progress,
     )
     report["train_time_s"] = train_time_s
     return result, report
