@@ -300,6 +300,10 @@ class TrainConfig(_Section):
     # a row stop the run (exit 1), its checkpoints kept. Under fp16 the loss scaler skips an overflow and halves its
     # scale; only overflows at a scale <= 1 (NaN/Inf gradients unscaled) count.
     stop_after_nonfinite_grads: int = Field(5, gt=0)
+    # torch's intra-op threads for the run (restored after it); None = torch's default (one per core). Small models
+    # (the digits world) run best on 1: their many small ops collapse on 2 threads beside another busy process
+    # (benchmarks/demo_threads.py).
+    num_threads: int | None = Field(None, ge=1)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

@@ -393,7 +393,7 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, how):
             Path(path).write_bytes(b"\0" * 100)
             raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: '
                                   '"No space left on device" })')
-        monkeypatch.setattr(ckpt, "save_file", full)
+        monkeypatch.setattr(ckpt, "save_safetensors", full)
     else:
         def full(obj, path):
             Path(path).write_bytes(b"\0" * 100)

@@ -52,6 +52,7 @@ from lora_dpo.training.setup import (
     fill_deepspeed_config,
     open_training_data,
     setup_policy,
+    torch_threads,
 )
 from lora_dpo.training.steps import MICRO_STEPS
 
@@ -105,6 +106,7 @@ class PreferenceRecipe:
         # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
         read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
         check_optimizer_available(cfg.optim)
+        self._held.enter_context(torch_threads(cfg.train.num_threads))  # restored when the run ends
         # One run per folder, taken before the data is read so that a second run stops at once; the global main
         # process holds it (RANK: the accelerator is not up yet).
         self._held.enter_context(RunLock(self.run_dir, enabled=int(os.environ.get("RANK", "0")) == 0))

@@ -5,6 +5,8 @@ components (:func:`setup_policy`), the training data (:func:`open_training_data`
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,22 @@ def check_recipe(cfg: RecipeConfig, with_model: bool = True) -> tuple[str | None
     report = _data_report(cfg)
     check_device(cfg)
     return family, report
+
+
+@contextmanager
+def torch_threads(num_threads: int | None) -> Iterator[int]:
+    """Run the block with ``torch.set_num_threads(num_threads)`` (None: the count as it is) and put the previous
+    count back afterwards, also on error. Yields the count in use.
+
+    Raises:
+        ValueError: ``num_threads`` < 1.
+    """
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads={num_threads} must be >= 1 (or None: torch's default)")
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

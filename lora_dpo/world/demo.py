@@ -16,8 +16,6 @@ from __future__ import annotations
 import io
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +23,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import skimage.data
 import sklearn.datasets
-import torch
 from accelerate.state import AcceleratorState, PartialState
 from PIL import Image, ImageFilter
 
@@ -33,6 +30,7 @@ from lora_dpo.config import load_config
 from lora_dpo.evaluation.run import evaluate_run
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.training.recipe import train
+from lora_dpo.training.setup import torch_threads
 from lora_dpo.world.build import WORLD_DIR
 
 log = logging.getLogger(__name__)
@@ -109,25 +107,6 @@ def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 6
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.table(rows), path)
     return path
-
-
-@contextmanager
-def torch_threads(num_threads: int | None) -> Iterator[int]:
-    """Run the block with ``torch.set_num_threads(num_threads)`` (None: the count as it is) and put the previous
-    count back afterwards, also on error. Yields the count in use.
-
-    Raises:
-        ValueError: ``num_threads`` < 1.
-    """
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads={num_threads} must be >= 1 (or None: torch's default)")
-    before = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] = (),
