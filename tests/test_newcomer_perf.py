@@ -149,3 +149,29 @@ def test_demo_runs_in_its_thread_count_and_restores_it(monkeypatch, tmp_path):
                      {"overrides": [], "num_threads": demo.DEMO_NUM_THREADS}]
     with pytest.raises(SystemExit):
         main(["demo", "--threads", "0"])
+
+
+def test_fusing_two_adapters_at_their_scales_matches_unfused(tiny_sd15, tmp_path):
+    """``lora-dpo generate --adapter A:0.5 --adapter B:0.8`` fuses both at their scales: one UNet forward fused and
+    unfused agree to the fp32 rounding of the unfused forward (measured against float64, as above)."""
+    pipe = load_pipeline(tiny_sd15)
+    for i, (name, seed) in enumerate((("a", 1), ("b", 2))):
+        torch.manual_seed(seed)
+        lora = save_random_lora(tmp_path / name, tiny_sd15, "sd15", r=4, lora_alpha=4, std=0.2)
+        load_adapter(pipe, lora / WEIGHT_NAME, f"adapter{i}")
+    pipe.set_adapters(["adapter0", "adapter1"], [0.5, 0.8])
+    unet, g = pipe.unet, torch.Generator().manual_seed(0)
+    x = torch.randn(2, unet.config.in_channels, 8, 8, generator=g)
+    text = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        unfused = unet(x, t, text).sample
+        with fused_adapters(pipe) as layers:
+            fused = unet(x, t, text).sample
+        exact = copy.deepcopy(unet).double()(x.double(), t, text.double()).sample
+        pipe.set_adapters(["adapter0"], [0.5])  # a different mix gives a different output: the scales were used
+        other = unet(x, t, text).sample
+    err_unfused = (unfused.double() - exact).abs().max().item()
+    assert layers > 0 and 0 < err_unfused
+    assert (fused.double() - exact).abs().max().item() <= 4 * err_unfused
+    assert (other - unfused).abs().max().item() > 100 * err_unfused

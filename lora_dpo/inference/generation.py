@@ -252,7 +252,9 @@ def _render_passes(pipe, passes: list[tuple[str, bool]], prompts: list[str], see
     with tqdm(total=len(passes) * len(prompts) * len(seeds), desc="generate", unit="img",
               disable=not progress) as bar:
         for kind, enabled in passes:
-            with lora_disabled(pipe) if common["adapters"] and not enabled else nullcontext():
+            # the adapters off for a base pass; fused into the weights for an adapter pass (as fast as the base)
+            off, fuse = common["adapters"] and not enabled, common["adapters"] and enabled
+            with lora_disabled(pipe) if off else sampling.fused_adapters(pipe) if fuse else nullcontext():
                 for i, text in enumerate(prompts):
                     embeds = prompt_embeddings(pipe, text, negative_prompt)
                     for seed in seeds:
