@@ -37,6 +37,7 @@ from lora_dpo.models.lora_files import (
 )
 from lora_dpo.models.policy import Policy, build_policy
 from lora_dpo.models.pretrained import DTYPES, read_model_index, safetensors_only
+from lora_dpo.models.tiny_flow import build_tiny_flow_pipeline, save_tiny_flow_pipeline
 
 __all__ = [
     "ADAPTER_NAME",
@@ -52,6 +53,7 @@ __all__ = [
     "add_lora",
     "build_components",
     "build_policy",
+    "build_tiny_flow_pipeline",
     "build_tiny_pipeline",
     "check_adapter_fits_model",
     "detect_family",
@@ -68,6 +70,7 @@ __all__ = [
     "read_model_index",
     "resolve_lora_file",
     "safetensors_only",
+    "save_tiny_flow_pipeline",
     "save_tiny_pipeline",
     "training_target",
     "unet_conditioning",
