@@ -154,8 +154,8 @@ def read_rows(rows: Iterable[Any], cfg: DataConfig) -> Iterator[Any]:
 def _load_files(files: list[Path], cfg: DataConfig, streaming: bool) -> Any:
     """``load_dataset(builder, data_files=files)``: a ``Dataset`` (an ``IterableDataset`` when streaming;
     its first row read here, so an unreadable first file fails now). CSV / JSON are read with
-    ``data.encoding``. Files are checked first (:func:`file_problem`: all of it in memory, only emptiness when
-    streaming).
+    ``data.encoding``. Files are checked first (:func:`file_problem`: in memory, emptiness, parquet footers and a
+    decode pass over JSON text; only emptiness when streaming); a CSV's bad byte is named when pandas meets it.
 
     Raises:
         FileNotFoundError: no data files, or files of no supported suffix.
@@ -172,8 +172,11 @@ def _load_files(files: list[Path], cfg: DataConfig, streaming: bool) -> Any:
     if len(builders) > 1:
         raise ValueError(f"'{cfg.dataset}' mixes file types ({sorted(builders)}); point data.dataset at one "
                          f"kind")
-    for path in files:  # streaming: only what a stat tells (the files may be many and large)
-        problem = file_problem(path, cfg, len(files) > 1, footer=not streaming, text=not streaming)
+    # Streaming: only what a stat tells (the files may be many and large). The text pass is for JSON only: pyarrow's
+    # JSON reader keeps undecodable bytes, while pandas' CSV reader raises on them and read_failure names the byte.
+    for path in files:
+        problem = file_problem(path, cfg, len(files) > 1, footer=not streaming,
+                               text=not streaming and BUILDERS.get(path.suffix) == "json")
         if problem is not None:
             raise problem
     builder = builders.pop()
