@@ -47,7 +47,9 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    """Which base pipeline to align. SD1.5 and SDXL are told apart from the folder (see ``models.py``)."""
+    """Which base pipeline to align; its family (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) is read from the folder's
+    ``model_index.json`` (:mod:`lora_dpo.models.families`). The keys after ``vae_dtype`` apply to the flow-matching
+    families only; the UNet families refuse them."""
 
     pretrained_model_name_or_path: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
@@ -56,6 +58,16 @@ class ModelConfig(_Section):
     prediction_type: Literal["epsilon", "v_prediction"] | None = None
     # dtype of the frozen VAE; "auto" = the weight dtype, except fp32 for SDXL under fp16 (its VAE overflows).
     vae_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    # The σ density of a flow model's training draws, by diffusers' training-script names (None: logit_normal with
+    # logit_mean 0, logit_std 1; mode with mode_scale 1.29), shifted as the model's scheduler shifts.
+    weighting_scheme: Literal["logit_normal", "uniform", "mode"] | None = None
+    logit_mean: float | None = None
+    logit_std: float | None = Field(None, gt=0)
+    mode_scale: float | None = None
+    # The frozen transformer in 4-bit NF4 or 8-bit (bitsandbytes); LoRA trains in fp32 on top (LoRA mode only).
+    quantization: Literal["nf4", "int8"] | None = None
+    # FLUX.1-dev's distilled guidance input during training (None: 3.5); ignored by models without it.
+    guidance_scale: float | None = Field(None, ge=0)
 
 
 class LoraConfig(_Section):
@@ -64,7 +76,9 @@ class LoraConfig(_Section):
 
     r: int = Field(8, gt=0)
     lora_alpha: float = Field(8.0, gt=0)
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    # None: the family's default (UNets: to_q, to_k, to_v, to_out.0; SD3 adds the caption stream's projections;
+    # FLUX also its feed-forward and single-block MLP layers: lora_dpo.models.families.*.default_target_modules).
+    target_modules: list[str] | None = None
     lora_dropout: float = Field(0.0, ge=0.0, lt=1.0)
     # Start from an existing LoRA (a run folder or a .safetensors file: diffusers, PEFT or kohya layout) instead of
     # a fresh one. The policy starts from it and the reference IS it (a frozen second adapter), so step-0 loss is

@@ -37,28 +37,33 @@ def _lora_layers(unet: torch.nn.Module) -> list:
     return [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def add_lora(unet: torch.nn.Module, lora_cfg) -> list[torch.nn.Parameter]:
-    """Freeze the UNet, attach a fresh LoRA adapter named ``default``, keep its parameters in fp32.
+def add_lora(unet: torch.nn.Module, lora_cfg, family: str = "sd15") -> list[torch.nn.Parameter]:
+    """Freeze the denoiser, attach a fresh LoRA adapter named ``default``, keep its parameters in fp32.
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` (any weight dtype).
-        lora_cfg: :class:`lora_dpo.config.LoraConfig` (``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``).
+        unet: the denoiser (``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``; any
+            weight dtype, or with bitsandbytes layers: PEFT wraps those too).
+        lora_cfg: :class:`lora_dpo.config.LoraConfig` (``r``, ``lora_alpha``, ``target_modules``, ``lora_dropout``);
+            ``target_modules`` None takes the family's ``default_target_modules``.
+        family: the registry name of the denoiser's family.
     Returns:
         The trainable parameters (LoRA A and B matrices), fp32.
     Raises:
         ValueError: no module of the UNet matches ``lora.target_modules``.
     """
     unet.requires_grad_(False)
+    spec = get_family(family)
+    targets = list(lora_cfg.target_modules or spec.default_target_modules)
     config = LoraConfig(
-        r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, target_modules=list(lora_cfg.target_modules),
-        lora_dropout=lora_cfg.lora_dropout, init_lora_weights=True,
+        r=lora_cfg.r, lora_alpha=lora_cfg.lora_alpha, target_modules=targets, lora_dropout=lora_cfg.lora_dropout,
+        init_lora_weights=True, exclude_modules=spec.lora_exclude_modules,
     )
     try:
         unet.add_adapter(config, adapter_name=ADAPTER_NAME)
     except ValueError as exc:
         raise ValueError(
-            f"lora.target_modules={list(lora_cfg.target_modules)} matches no UNet module ({exc}); "
-            "the attention projections are to_q, to_k, to_v, to_out.0"
+            f"lora.target_modules={targets} matches no {spec.denoiser_name} module ({exc}); the {spec.label} "
+            f"default is {', '.join(spec.default_target_modules)}"
         ) from exc
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # mixed precision: the frozen base may be fp16/bf16, the adapter stays fp32
@@ -100,7 +105,7 @@ def add_lora_from(unet: torch.nn.Module, path, family: str) -> list[torch.nn.Par
     for name in (REFERENCE_ADAPTER, ADAPTER_NAME):
         with warnings.catch_warnings():  # PEFT warns that a second adapter is being added: that is the point
             warnings.filterwarnings("ignore", message=".*multiple adapters.*")
-            unet.load_lora_adapter(dict(state), prefix="unet", adapter_name=name, network_alphas=alphas,
+            unet.load_lora_adapter(dict(state), prefix=get_family(family).denoiser_name, adapter_name=name, network_alphas=alphas,
                                    metadata=metadata)
     if unet.peft_config[ADAPTER_NAME].lora_dropout:
         raise ValueError(f"{file} was saved with lora_dropout={unet.peft_config[ADAPTER_NAME].lora_dropout}: dropout "

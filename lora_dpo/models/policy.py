@@ -210,7 +210,7 @@ def build_policy(cfg, unet: torch.nn.Module, device: torch.device | str, family:
         reference_adapter = REFERENCE_ADAPTER
         log.info("policy and reference start from the LoRA %s (%s)", init_lora, unet.peft_config[REFERENCE_ADAPTER])
     elif cfg.train.mode == "lora":
-        params = add_lora(unet, cfg.lora)
+        params = add_lora(unet, cfg.lora, family)
     else:
         if next(unet.parameters()).dtype != torch.float32:
             raise ValueError("train.mode=full trains fp32 master weights: load the UNet with unet_dtype=float32")

@@ -41,7 +41,7 @@ from lora_dpo.models.loading import (
 )
 from lora_dpo.models.lora_files import save_safetensors
 from lora_dpo.training.run_folder import LOCK_FILE, RunLock
-from lora_dpo.training.setup import setup_policy
+from lora_dpo.training.setup import recipe_family, setup_policy
 from lora_dpo.training.steps import noised_latents
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
     out = Path(out)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     started = time.perf_counter()
+    recipe_family(cfg)  # the options the model's family takes, before the data or any weights
     stream, dataset, report, data_cfg = _open_pairs(cfg)
     with RunLock(out, command="cache"):  # one build per cache folder, taken before any model loads
         # as training loads it (the reference's source)

@@ -38,7 +38,6 @@ from lora_dpo.data.loader import MicroBatches, StreamedMicroBatches
 from lora_dpo.data.streaming import merge_reports
 from lora_dpo.errors import TrainingDiverged
 from lora_dpo.export.artifacts import export_policy, training_caption, write_model_card
-from lora_dpo.models.loading import read_model_index
 from lora_dpo.models.lora_files import check_adapter_fits_model
 from lora_dpo.models.policy import Policy, run_reference_lora
 from lora_dpo.training import checkpoint as ckpt
@@ -51,6 +50,7 @@ from lora_dpo.training.setup import (
     check_accumulation,
     fill_deepspeed_config,
     open_training_data,
+    recipe_family,
     setup_policy,
     torch_threads,
 )
@@ -104,7 +104,7 @@ class PreferenceRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
-        read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
+        recipe_family(cfg)  # the model's index and the options its family takes
         check_optimizer_available(cfg.optim)
         self._held.enter_context(torch_threads(cfg.train.num_threads))  # restored when the run ends
         # One run per folder, taken before the data is read so that a second run stops at once; the global main

@@ -19,8 +19,8 @@ from lora_dpo.data.sources import load_preference_dataset
 from lora_dpo.data.streaming import StreamedPairs
 from lora_dpo.data.unpaired import LabeledImages
 from lora_dpo.errors import ConfigError
-from lora_dpo.models.families import FAMILIES
-from lora_dpo.models.loading import DTYPES, Components, detect_family, load_components, read_model_index
+from lora_dpo.models.families import FAMILIES, ModelFamily, family_for_index
+from lora_dpo.models.loading import DTYPES, Components, load_components, read_model_index
 from lora_dpo.models.lora_files import check_adapter_fits_model
 from lora_dpo.models.policy import Policy, build_policy
 from lora_dpo.training.optim import check_optimizer_available
@@ -140,6 +140,19 @@ def _data_report(cfg: RecipeConfig) -> dict[str, Any]:
     return load_preference_dataset(cfg.data)[1]
 
 
+def recipe_family(cfg: RecipeConfig) -> ModelFamily:
+    """The family of the recipe's model (its ``model_index.json`` only), after the family's own check of the recipe
+    (:meth:`lora_dpo.models.families.base.ModelFamily.check_recipe`: options that do not fit it).
+
+    Raises:
+        ModelLoadError: the model cannot be read or its pipeline is not supported. ConfigError: an option that does
+            not fit the family.
+    """
+    family = family_for_index(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    family.check_recipe(cfg)
+    return family
+
+
 def check_recipe(cfg: RecipeConfig, with_model: bool = True) -> tuple[str | None, dict[str, Any]]:
     """What ``lora-dpo validate`` checks, loading no weights: the model folder or id (its ``model_index.json`` and
     family), the optimizer (8-bit AdamW needs bitsandbytes), the starting LoRA (safetensors that fit the model), the
@@ -155,7 +168,7 @@ def check_recipe(cfg: RecipeConfig, with_model: bool = True) -> tuple[str | None
     """
     family = None
     if with_model:
-        family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+        family = recipe_family(cfg).name
     check_optimizer_available(cfg.optim)
     if cfg.lora.init_from and with_model:
         check_adapter_fits_model(cfg.lora.init_from, cfg.model.pretrained_model_name_or_path, cfg.model.revision)

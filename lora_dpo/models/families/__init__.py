@@ -11,12 +11,16 @@ from typing import Any, Literal
 
 from lora_dpo.errors import ModelLoadError
 from lora_dpo.models.families.base import Components, ModelFamily, get_family, register
+from lora_dpo.models.families.flux import Flux
+from lora_dpo.models.families.sd3 import SD3
 from lora_dpo.models.families.sd15 import SD15
 from lora_dpo.models.families.sdxl import SDXL
 
 FAMILIES = register(
     SD15(),
     SDXL(),
+    SD3(),
+    Flux(),
 )
 Family = Literal[tuple(FAMILIES)]  # the registered names (a Literal built from the registry; type checkers see str)
 
@@ -26,7 +30,7 @@ def family_for_index(model_index: dict[str, Any]) -> ModelFamily:
     component layout it has (a pipeline class this kit does not list).
 
     Raises:
-        ModelLoadError: no family fits (e.g. Flux, SD3); the message names the class and the supported ones.
+        ModelLoadError: no family fits (e.g. PixArt, Qwen-Image); the message names the class and the supported ones.
     """
     for family in FAMILIES.values():
         if family.recognises(model_index):

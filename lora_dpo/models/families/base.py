@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from lora_dpo.errors import ConfigError
+
 # name -> family, in registration order; filled by lora_dpo/models/families/__init__.py (register).
 _REGISTRY: dict[str, ModelFamily] = {}
 
@@ -65,6 +67,9 @@ class Components:
     prediction_type: str
     model_index: dict[str, Any] = field(default_factory=dict)
     scaling_factor: float | None = None  # the VAE's, when the VAE itself is not loaded (training from a cache)
+    # Family settings from the recipe: the flow families' σ density (weighting_scheme, logit_mean, logit_std,
+    # mode_scale), the VAE's shift_factor, FLUX's guidance scale. Empty for the UNet families.
+    options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def model_family(self) -> ModelFamily:
@@ -101,6 +106,24 @@ class ModelFamily(ABC):
     """Hugging Face tags naming the base, e.g. ``("stable-diffusion",)``; FLUX: ``("flux",)``."""
     tiny_arch: ClassVar[str]
     """The name of its tiny random-weight test pipeline in :data:`lora_dpo.models.archs.ARCHES`."""
+    lora_exclude_modules: ClassVar[str | None] = None
+    """PEFT ``exclude_modules`` (a regex matched against the whole module path) of every LoRA on the denoiser: FLUX
+    leaves out its final ``proj_out``, whose name the single blocks' ``proj_out`` target also matches."""
+    flow_options: ClassVar[tuple[str, ...]] = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+                                                "quantization", "guidance_scale")
+    """``model`` keys that only the flow-matching families read."""
+
+    def check_recipe(self, cfg) -> None:
+        """Refuse, before any weights load, recipe options this family cannot honour. The UNet families refuse the
+        flow-only ``model`` keys (:attr:`flow_options`); the flow families override this.
+
+        Raises:
+            ConfigError: the first option that does not fit, naming it and the family.
+        """
+        for key in self.flow_options:
+            if getattr(cfg.model, key, None) is not None:
+                raise ConfigError(f"model.{key} applies to the flow-matching families (SD3/SD3.5, FLUX.1), not to "
+                                  f"{self.label}: remove it")
 
     def __repr__(self) -> str:
         return f"<model family {self.name}: {self.label}>"

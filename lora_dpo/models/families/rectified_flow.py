@@ -1,0 +1,208 @@
+"""What the rectified-flow transformer families (SD3 / SD3.5, FLUX.1) share: a transformer denoiser trained on the
+velocity ``v = ε − x_0`` at a σ drawn from a density (:mod:`.flow_matching`), a 16-channel VAE with a shift factor,
+CLIP and T5 text encoders, and LoRA files under the ``transformer.`` prefix. :mod:`.sd3` and :mod:`.flux` subclass
+:class:`RectifiedFlowFamily` and fill in their text conditioning, token layout and architectures.
+
+Flow-DPO (Wallace et al. 2023, arXiv 2311.12908, Eq. 14, on the rectified-flow objective of Esser et al. 2024,
+arXiv 2403.03206, Eq. 1): one σ and one ε per pair, shared by both images, ``x_σ = (1 − σ)·x_0 + σ·ε``, and the
+per-sample error ``e = mean((v_θ − (ε − x_0))²)`` in fp32. The training loop is the UNet families' one: this module
+only answers the :class:`~lora_dpo.models.families.base.ModelFamily` questions.
+
+Timesteps travel through the loop as ``σ·T`` floats (T = the scheduler's ``num_train_timesteps``, 1000), the unit
+the transformers take (``SD3Transformer2DModel``: ``timestep = σ·1000``; FLUX is called with ``σ``, see
+:mod:`.flux`), so the timestep-bucket margins and the diagnostics read σ·1000 where they read t for a UNet.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+from transformers import AutoTokenizer
+
+from lora_dpo.errors import ConfigError, ModelLoadError
+from lora_dpo.models.families.base import Components, ModelFamily
+from lora_dpo.models.families.flow_matching import (
+    flow_noised,
+    flow_velocity,
+    image_seq_len,
+    sample_density,
+    scheduler_shift,
+)
+from lora_dpo.models.pretrained import DTYPES, safetensors_only
+from lora_dpo.models.quantize import quantize_linear_layers
+from lora_dpo.models.tiny_flow import build_tiny_flow_components
+
+# The σ density of a run when the recipe names none: SD3's (Esser et al. 2024, Eq. 19, m = 0, s = 1), the default of
+# diffusers' SD3 and FLUX training scripts.
+DEFAULT_SIGMA_SAMPLING = dict(weighting_scheme="logit_normal", logit_mean=0.0, logit_std=1.0, mode_scale=1.29)
+
+
+def sigma_sampling(model_cfg) -> dict[str, Any]:
+    """The σ density settings of a recipe's ``model`` section (:data:`DEFAULT_SIGMA_SAMPLING` where unset):
+    ``weighting_scheme``, ``logit_mean``, ``logit_std``, ``mode_scale`` (diffusers' training-script names)."""
+    settings = dict(DEFAULT_SIGMA_SAMPLING)
+    for key in settings:
+        value = getattr(model_cfg, key, None)
+        if value is not None:
+            settings[key] = value
+    return settings
+
+
+class RectifiedFlowFamily(ModelFamily):
+    """A transformer on the rectified-flow objective with a 16-channel VAE (``z = (x − shift)·scale``)."""
+
+    denoiser_name = "transformer"
+    denoiser_class: ClassVar[type]
+    """``SD3Transformer2DModel`` / ``FluxTransformer2DModel``."""
+    text_parts: ClassVar[tuple[tuple[str, str, type], ...]]
+    """``(tokenizer, text encoder, encoder class)`` component names of the pipeline, in its order."""
+    max_sequence_length: ClassVar[int]
+    """T5 tokens per caption, the pipeline's default (SD3 256, FLUX 512)."""
+    patch_size: ClassVar[int] = 2
+    """Latent pixels per token side (both pack 2 x 2 patches)."""
+    real_configs: ClassVar[dict[str, Any]]
+    """The real-size architecture (cost benchmarks): ``transformer`` config, ``vae`` config, and text encoder
+    configs by component name."""
+
+    def matches_layout(self, model_index: dict) -> bool:
+        return "transformer" in model_index and self._layout(model_index)
+
+    @abstractmethod
+    def _layout(self, model_index: dict) -> bool:
+        """The text-encoder layout that tells this family from the other transformer family."""
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
+    def load_components(self, model_cfg, model_index: dict[str, Any], weight_dtype: torch.dtype,
+                        device: torch.device | str, unet_dtype: torch.dtype | None, encoders: bool,
+                        unet: bool) -> Components:
+        """The transformer (quantized in place with ``model.quantization``: :mod:`lora_dpo.models.quantize`), VAE,
+        tokenizers and text encoders, and the flow scheduler; all frozen. ``prediction_type`` is ``flow``."""
+        name = model_cfg.pretrained_model_name_or_path
+        kw = dict(revision=model_cfg.revision)
+        wkw = dict(kw, variant=model_cfg.variant, use_safetensors=True)
+        if getattr(model_cfg, "prediction_type", None) is not None:
+            raise ModelLoadError(f"model.prediction_type applies to the UNet families; {self.label} predicts the flow "
+                                 "velocity: remove it")
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kw)
+        vae_dtype = weight_dtype if model_cfg.vae_dtype == "auto" else DTYPES[model_cfg.vae_dtype]
+        quantization = getattr(model_cfg, "quantization", None)
+        with safetensors_only(name):
+            denoiser = None
+            if unet:
+                denoiser = self.denoiser_class.from_pretrained(name, subfolder=self.denoiser_name,
+                                                               torch_dtype=unet_dtype or weight_dtype, **wkw)
+                if quantization:
+                    quantize_linear_layers(denoiser, quantization, compute_dtype=weight_dtype)
+            vae, tokenizers, text_encoders, vae_config = None, [], [], None
+            if encoders:
+                vae = AutoencoderKL.from_pretrained(name, subfolder="vae", torch_dtype=vae_dtype, **wkw)
+                vae_config = dict(vae.config)
+                for tokenizer_name, encoder_name, encoder_class in self.text_parts:
+                    tokenizers.append(AutoTokenizer.from_pretrained(name, subfolder=tokenizer_name, **kw))
+                    text_encoders.append(encoder_class.from_pretrained(name, subfolder=encoder_name,
+                                                                       torch_dtype=weight_dtype, **wkw))
+            else:
+                vae_config = AutoencoderKL.load_config(name, subfolder="vae", **kw)
+        for module in (denoiser, vae, *text_encoders):
+            if module is not None:
+                module.requires_grad_(False).eval().to(device)
+        components = Components(self.name, denoiser, vae, text_encoders, tokenizers, scheduler, "flow", model_index,
+                                float(vae_config.get("scaling_factor", 1.0)))
+        components.options.update(sigma_sampling(model_cfg), shift_factor=float(vae_config.get("shift_factor") or 0.0),
+                                  guidance=getattr(model_cfg, "guidance_scale", None))
+        return components
+
+    def check_recipe(self, cfg) -> None:
+        """Flow families take the σ density and quantization options and refuse what only a UNet has.
+
+        Raises:
+            ConfigError: ``model.prediction_type`` (the target is the velocity); ``model.quantization`` in full mode.
+        """
+        if cfg.model.prediction_type is not None:
+            raise ConfigError(f"model.prediction_type={cfg.model.prediction_type} applies to the UNet families; "
+                              f"{self.label} is trained on the flow velocity: remove it")
+        if cfg.model.quantization and cfg.train.mode == "full":
+            raise ConfigError(f"model.quantization={cfg.model.quantization} freezes the base in 4/8 bits, which full "
+                              "fine-tuning trains: use train.mode=lora, or remove model.quantization")
+
+    # -- the training step ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_posterior(self, components: Components, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean − shift_factor, std)``, each ``(N, 16, H/f, W/f)``: the sample times the scaling factor is the
+        transformer's latent ``(x − shift)·scale``, as the pipelines decode it (``z / scale + shift``)."""
+        mean, std = super().encode_posterior(components, pixel_values)
+        return mean - components.options.get("shift_factor", 0.0), std
+
+    def sample_timesteps(self, components: Components, generator: torch.Generator, n: int,
+                         latent_shape: Sequence[int]) -> torch.Tensor:
+        """``σ·T`` (float32, ``(n,)``): σ from the recipe's density (``model.weighting_scheme``, default
+        logit-normal), shifted as the scheduler shifts its sampling schedule (SD3: static ``shift``; FLUX: by the
+        image's token count), T = ``num_train_timesteps``."""
+        opts = {**DEFAULT_SIGMA_SAMPLING, **components.options}
+        u = sample_density(opts["weighting_scheme"], n, generator, logit_mean=opts["logit_mean"],
+                           logit_std=opts["logit_std"], mode_scale=opts["mode_scale"])
+        config = components.noise_scheduler.config
+        sigmas = scheduler_shift(u, config, image_seq_len(latent_shape, self.patch_size))
+        return sigmas * config.num_train_timesteps
+
+    @staticmethod
+    def sigmas(components: Components, timesteps: torch.Tensor) -> torch.Tensor:
+        """σ of ``σ·T`` timesteps."""
+        return timesteps.float() / components.noise_scheduler.config.num_train_timesteps
+
+    def add_noise(self, components, latents, noise, timesteps):
+        return flow_noised(latents, noise, self.sigmas(components, timesteps))
+
+    def training_target(self, components, latents, noise, timesteps):
+        return flow_velocity(latents, noise)
+
+    # -- LoRA files -------------------------------------------------------------------------------------------
+
+    def save_lora_weights(self, save_dir: str | Path, layers: dict[str, torch.Tensor], metadata: dict,
+                          weight_name: str) -> None:
+        self.pipeline_class.save_lora_weights(
+            save_dir, transformer_lora_layers=layers, transformer_lora_adapter_metadata=metadata,
+            weight_name=weight_name, safe_serialization=True,
+        )
+
+    # -- random weights ---------------------------------------------------------------------------------------
+
+    def build_tiny_components(self, seed: int = 0) -> dict[str, Any]:
+        return build_tiny_flow_components(self.name, seed, **self.tiny_options)
+
+    tiny_options: ClassVar[dict] = {}
+    """Keyword arguments of :func:`lora_dpo.models.tiny_flow.build_tiny_flow_components` (FLUX: guidance)."""
+
+    def build_random_components(self, tiny: bool, weight_dtype: torch.dtype, device: torch.device | str,
+                                unet_dtype: torch.dtype | None, seed: int) -> Components:
+        torch.manual_seed(seed)
+        with torch.device(device):
+            if tiny:
+                parts = self.build_tiny_components(seed)
+            else:
+                parts = self.build_real_components()
+        denoiser, vae = parts["transformer"], parts["vae"]
+        tokenizers = [parts[t] for t, _, _ in self.text_parts]
+        encoders = [parts[e] for _, e, _ in self.text_parts]
+        denoiser.to(device, unet_dtype or weight_dtype)
+        vae.to(device, weight_dtype)
+        for module in (denoiser, vae, *encoders):
+            module.requires_grad_(False).eval()
+            module.to(device)
+        for encoder in encoders:
+            encoder.to(device, weight_dtype)
+        components = Components(self.name, denoiser, vae, encoders, tokenizers, parts["scheduler"], "flow")
+        components.options.update(DEFAULT_SIGMA_SAMPLING, shift_factor=float(vae.config.shift_factor or 0.0))
+        return components
+
+    @abstractmethod
+    def build_real_components(self) -> dict[str, Any]:
+        """Random-weight components of the real-size architecture (keyed as the pipeline takes them); tokenizers
+        are small offline ones padded to the real lengths."""
