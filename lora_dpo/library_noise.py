@@ -49,8 +49,8 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
     ),
     KnownWarning(
         "diffusers.loaders.lora_base", None,
-        r"^No LoRA keys associated to CLIPTextModel(WithProjection)? found with the prefix='text_encoder(_2)?'",
-        "lora-dpo adapters hold UNet weights only; pipe.load_lora_weights also looks for text-encoder keys and says "
+        r"^No LoRA keys associated to \w+ found with the prefix='text_encoder(_\d)?'",
+        "lora-dpo adapters hold denoiser (UNet / transformer) weights only; pipe.load_lora_weights also looks for text-encoder keys and says "
         "it found none, on every adapter load. (An adapter without UNet keys is refused before loading: "
         "models/lora_files.py check_adapter_fits.)",
         "No LoRA keys associated to CLIPTextModel found with the prefix='text_encoder'. This is safe to ignore if "
@@ -71,10 +71,19 @@ KNOWN_WARNINGS: tuple[KnownWarning, ...] = (
         "bitsandbytes.backends.cpu.ops", None,
         r"^Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'",
         "an optional faster CPU kernel for 4-bit matrix products (the 'kernels' package), looked for when "
-        "bitsandbytes is imported; bitsandbytes falls back to its own CPU code. lora-dpo uses bitsandbytes for 8-bit "
-        "AdamW on CUDA, never 4-bit CPU products.",
+        "bitsandbytes is imported; bitsandbytes falls back to its own CPU code, which gives the same products (a "
+        "4-bit base, model.quantization=nf4, on the CPU runs there: slower, not different).",
         "Failed to load CPU gemm_4bit_forward from kernels-community: No module named 'kernels'. Please make sure "
         "you already `pip install kernels` and the kernels >= 0.11.1",
+    ),
+    KnownWarning(
+        None, UserWarning,
+        r"^You have passed exclude_modules=proj_out but no modules were excluded",
+        "FLUX adapters carry exclude_modules=proj_out in their LoRA config (the model's output layer is not one of "
+        "the single blocks' proj_out targets). Loading a saved adapter, diffusers takes the targets from the file's "
+        "keys, so nothing is left to exclude and PEFT says so; the loaded adapter is the trained one (tested).",
+        "You have passed exclude_modules=proj_out but no modules were excluded. Please check that exclude_modules "
+        "was set correctly.",
     ),
 )
 

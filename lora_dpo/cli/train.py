@@ -48,13 +48,14 @@ def run_training(cfg: RecipeConfig) -> int:
 def preflight(cfg: RecipeConfig, recipe: str | None) -> list[str]:
     """The checks of this machine and this model that come before any weight loads: the ``warning:`` / ``note:``
     lines to print (a short warmup, a resume that ignores output.overwrite, 8-bit AdamW without a GPU, a recipe
-    written for another model family). Raises ConfigError for fp16 without a GPU, ModelLoadError for a model that
-    cannot be read (:func:`lora_dpo.training.setup.check_device`, :func:`lora_dpo.models.pretrained.read_model_index`)."""
+    written for another model family). Raises ConfigError for fp16 without a GPU or an option the model's family
+    does not take, ModelLoadError for a model that cannot be read (:func:`lora_dpo.training.setup.check_device`,
+    :func:`lora_dpo.training.setup.recipe_family`)."""
     setup = importlib.import_module("lora_dpo.training.setup")  # the training stage, after the recipe's own checks
     lines = [*cfg.notes(), *setup.check_device(cfg)]
-    if recipe and cfg.model.pretrained_model_name_or_path:
-        index = setup.read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision)
-        lines.append(setup.family_warning(recipe, setup.detect_family(index)))
+    if cfg.model.pretrained_model_name_or_path:
+        family = setup.recipe_family(cfg)  # the options the model's family takes, before any weights load
+        lines.append(setup.family_warning(recipe, family.name))
     return [line for line in lines if line]
 
 

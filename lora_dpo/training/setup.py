@@ -118,13 +118,16 @@ def check_device(cfg: RecipeConfig) -> list[str]:
 
 
 def family_warning(recipe: str | Path | None, family: str) -> str | None:
-    """A warning when ``recipe`` lives in a folder named after another model family (``recipes/sdxl/...`` used on
-    an SD1.5 model): its settings (resolution, batch) were chosen for that family. None otherwise."""
+    """A warning when ``recipe`` lives in a folder written for another model family (``recipes/sdxl/...`` used on
+    an SD1.5 model; folders by :attr:`~lora_dpo.models.families.base.ModelFamily.recipe_folder`): its settings
+    (resolution, batch, β) were chosen for that family. None otherwise."""
     written_for = Path(recipe).resolve().parent.name if recipe else None
-    if written_for in FAMILIES and written_for != family:
-        return (f"warning: {recipe} is a recipe for {FAMILIES[written_for].label} but the model is "
-                f"{FAMILIES[family].label}: its settings (data.resolution, batch size) may not fit; the "
-                f"recipes/{family}/ recipes are written for it")
+    folders = {f.recipe_folder or f.name: f for f in FAMILIES.values()}
+    if written_for in folders and folders[written_for].name != family:
+        model = FAMILIES[family]
+        return (f"warning: {recipe} is a recipe for {folders[written_for].label} but the model is "
+                f"{model.label}: its settings (data.resolution, batch size, loss.beta) may not fit; the "
+                f"recipes/{model.recipe_folder or model.name}/ recipes are written for it")
     return None
 
 

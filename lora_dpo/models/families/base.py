@@ -106,6 +106,8 @@ class ModelFamily(ABC):
     """Hugging Face tags naming the base, e.g. ``("stable-diffusion",)``; FLUX: ``("flux",)``."""
     tiny_arch: ClassVar[str]
     """The name of its tiny random-weight test pipeline in :data:`lora_dpo.models.archs.ARCHES`."""
+    recipe_folder: ClassVar[str | None] = None
+    """The ``recipes/`` folder whose recipes are written for this family (None: :attr:`name`; SD3: ``sd35``)."""
     lora_exclude_modules: ClassVar[str | None] = None
     """PEFT ``exclude_modules`` (a regex matched against the whole module path) of every LoRA on the denoiser: FLUX
     leaves out its final ``proj_out``, whose name the single blocks' ``proj_out`` target also matches."""

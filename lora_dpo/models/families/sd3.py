@@ -61,6 +61,7 @@ class SD3(RectifiedFlowFamily):
     kohya_spec = ("sd3", "stable-diffusion-v3-medium/lora")
     model_card_tags = ("sd3", "sd3-diffusers")
     tiny_arch = "tiny-sd3"
+    recipe_folder = "sd35"
     compel_class_name = None  # compel 2.5 has no SD3 class
 
     def _layout(self, model_index: dict) -> bool:
