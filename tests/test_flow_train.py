@@ -218,3 +218,16 @@ def test_peft_exclude_warning_of_a_loaded_flux_adapter_is_quieted():
         warnings.warn(row.example, UserWarning, stacklevel=1)
         warnings.warn("You have passed exclude_modules=ff but no modules were excluded.", UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["You have passed exclude_modules=ff but no modules were excluded."]
+
+
+def test_resolution_must_fit_the_patches(tiny_flow, photo_pairs, tmp_path, capsys):
+    # A FLUX folder whose VAE downsamples by 8 (4 blocks): 520 px is a 65 x 65 latent, which 2 x 2 patches do not cut.
+    model = tmp_path / "flux-vae8"
+    (model / "vae").mkdir(parents=True)
+    (model / "model_index.json").write_text((tiny_flow["flux"] / "model_index.json").read_text())
+    vae = json.loads((tiny_flow["flux"] / "vae/config.json").read_text())
+    (model / "vae/config.json").write_text(json.dumps({**vae, "block_out_channels": [128, 256, 512, 512]}))
+    rc = main(["train", str(RECIPES["flux"]), *_args(model, photo_pairs, tmp_path / "r"), "data.resolution=520"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "must be a multiple of 16 for FLUX.1" in err and "try data.resolution=512" in err
+    assert not (tmp_path / "r").exists()

@@ -122,7 +122,9 @@ class RectifiedFlowFamily(ModelFamily):
         """Flow families take the σ density and quantization options and refuse what only a UNet has.
 
         Raises:
-            ConfigError: ``model.prediction_type`` (the target is the velocity); ``model.quantization`` in full mode.
+            ConfigError: ``model.prediction_type`` (the target is the velocity); ``model.quantization`` in full mode;
+                a ``data.resolution`` whose latent the transformer cannot cut into patches (real models: a multiple
+                of 16).
         """
         if cfg.model.prediction_type is not None:
             raise ConfigError(f"model.prediction_type={cfg.model.prediction_type} applies to the UNet families; "
@@ -130,6 +132,13 @@ class RectifiedFlowFamily(ModelFamily):
         if cfg.model.quantization and cfg.train.mode == "full":
             raise ConfigError(f"model.quantization={cfg.model.quantization} freezes the base in 4/8 bits, which full "
                               "fine-tuning trains: use train.mode=lora, or remove model.quantization")
+        vae = AutoencoderKL.load_config(cfg.model.pretrained_model_name_or_path, subfolder="vae",
+                                        revision=cfg.model.revision)
+        step = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1) * self.patch_size
+        if cfg.data.resolution % step:
+            raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of {step} for {self.label} (the "
+                              f"VAE downsamples by {step // self.patch_size}, the transformer takes {self.patch_size} x "
+                              f"{self.patch_size} patches); try data.resolution={max(step, round(cfg.data.resolution / step) * step)}")
 
     # -- the training step ------------------------------------------------------------------------------------
 
