@@ -231,3 +231,19 @@ def test_resolution_must_fit_the_patches(tiny_flow, photo_pairs, tmp_path, capsy
     err = capsys.readouterr().err
     assert rc == 2 and "must be a multiple of 16 for FLUX.1" in err and "try data.resolution=512" in err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("loss", ["sigmoid-smoothed", "ipo", "hinge", "sdpo", "mapo", "kto", "sft", "sft-anchor"])
+def test_every_loss_of_the_family_trains_on_sigma(loss, tiny_flow, photo_pairs, tmp_path):
+    """Each loss runs on FLUX's σ draws (packed tokens, guidance, SFT's preferred rows only); the losses with a
+    reference start where a fresh adapter must: u = 0."""
+    extra = {"sigmoid-smoothed": ["loss.label_smoothing=0.1"], "sdpo": ["loss.sdpo_mu=0.5"],
+             "sft-anchor": ["loss.sft_weight=0.5"]}.get(loss, [f"loss.type={loss}"])
+    out = tmp_path / "run"
+    assert main(["train", str(RECIPES["flux"]), *_args(tiny_flow["flux"], photo_pairs, out, "train.max_steps=2",
+                                                        *extra)]) == 0
+    rows = _metrics(out)
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    if "rewards/margins" in rows[0] and loss not in ("mapo", "sft"):
+        assert rows[0]["rewards/margins"] == 0
+        assert 0.0 < rows[0]["timestep"] < 1000  # σ·1000

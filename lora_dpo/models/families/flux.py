@@ -93,26 +93,27 @@ class Flux(RectifiedFlowFamily):
 
     def denoiser_conditioning(self, components: Components, text: dict[str, torch.Tensor], batch,
                               dtype: torch.dtype, images_per_caption: int = 2) -> dict[str, Any]:
-        """Adds ``txt_ids`` ``(L, 3)`` zeros and, for a guidance-distilled transformer, ``guidance`` ``(nB,)``
-        (``model.guidance_scale``, default 3.5) to the repeated text states; ``img_ids`` follow the latent size in
-        :meth:`predict`."""
+        """The repeated text states and, for a guidance-distilled transformer, ``guidance`` ``(nB,)``
+        (``model.guidance_scale``, default 3.5): every value has one row per image, so a micro-step may take some
+        rows of it. ``txt_ids`` and ``img_ids`` (positions, not per image) are built in :meth:`predict`."""
         states = text["encoder_hidden_states"].repeat(images_per_caption, 1, 1).to(dtype)
         kwargs = {"encoder_hidden_states": states,
-                  "pooled_projections": text["pooled_projections"].repeat(images_per_caption, 1).to(dtype),
-                  "txt_ids": states.new_zeros(states.shape[1], 3)}
+                  "pooled_projections": text["pooled_projections"].repeat(images_per_caption, 1).to(dtype)}
         if components.unet is not None and components.unet.config.guidance_embeds:
             scale = components.options.get("guidance") or DEFAULT_GUIDANCE
             kwargs["guidance"] = torch.full((states.shape[0],), float(scale), device=states.device)
         return kwargs
 
     def predict(self, denoiser, noisy, timesteps, conditioning):
-        """Packs ``(N, C, h, w)`` into ``(N, h/2·w/2, 4C)`` tokens with their ``img_ids``, calls the transformer with
+        """Packs ``(N, C, h, w)`` into ``(N, h/2·w/2, 4C)`` tokens with their ``img_ids`` (and zero ``txt_ids``, as
+        ``FluxPipeline``), calls the transformer with
         ``timestep = σ`` (it scales by 1000 itself, as ``FluxPipeline`` passes ``t / 1000``) and unpacks."""
         n, c, h, w = noisy.shape
         tokens = pack_latents(noisy)
+        text_len = conditioning["encoder_hidden_states"].shape[1]
         out = denoiser(hidden_states=tokens, timestep=timesteps.to(noisy.dtype) / 1000,
-                       img_ids=latent_image_ids(h // 2, w // 2, noisy.device, noisy.dtype), return_dict=False,
-                       **conditioning)[0]
+                       img_ids=latent_image_ids(h // 2, w // 2, noisy.device, noisy.dtype),
+                       txt_ids=noisy.new_zeros(text_len, 3), return_dict=False, **conditioning)[0]
         return unpack_latents(out, h, w)
 
     def lora_state_dict(self, source, denoiser_config, **kwargs) -> tuple:
