@@ -56,7 +56,7 @@ def random_adapter(model: Path, out: Path, r: int = 8, std: float = 0.05, seed: 
     unet = UNet2DConditionModel.from_pretrained(model / "unet")
     targets = load_config(DIGITS_RECIPE).lora.target_modules
     g = torch.Generator().manual_seed(seed)
-    for p in add_lora(unet, LoraConfig(r=r, lora_alpha=r, target_modules=list(targets))):
+    for p in add_lora(unet, LoraConfig(r=r, lora_alpha=r, target_modules=targets)):
         p.data = torch.randn(p.shape, generator=g) * std
     return save_lora_adapter(out, unet, detect_family(read_model_index(str(model))))
 

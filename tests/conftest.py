@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny SD1.5/SDXL pipelines saved with save_pretrained, small preference data sets."""
+"""Shared fixtures: tiny SD1.5/SDXL/SD3/FLUX pipelines saved with save_pretrained, small preference data sets."""
 
 from __future__ import annotations
 
@@ -24,6 +24,23 @@ def tiny_sd15(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory) -> Path:
     return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sdxl", "sdxl", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-sd3", "sd3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    """FLUX.1-dev's layout (guidance-distilled: the transformer takes the guidance scale)."""
+    return save_tiny_pipeline(tmp_path_factory.mktemp("models") / "tiny-flux", "flux", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flow(tiny_sd3, tiny_flux) -> dict[str, Path]:
+    """The tiny flow-matching pipelines by family name."""
+    return {"sd3": tiny_sd3, "flux": tiny_flux}
 
 
 def save_random_lora(out: Path, model: Path, family: str, r: int = 4, lora_alpha: float = 2.0, std: float = 0.2,

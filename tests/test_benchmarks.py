@@ -68,3 +68,31 @@ def test_checkpoint_cost_reports_save_manifest_and_verify(tmp_path):
         assert 0 < r["manifest_s"] <= r["save_s"] and r["verify_s"] > 0 and r["checkpoint_gb"] > 0
     assert rows["full"]["checkpoint_gb"] > 10 * rows["lora"]["checkpoint_gb"]
     assert [p.name for p in tmp_path.iterdir()] == ["cost.json"]  # its temporary folder is gone
+
+
+def test_step_cost_flow_transformer_from_a_cache_with_a_quantized_base(tmp_path):
+    out = tmp_path / "cost.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/step_cost.py"), "--arch", "tiny-flux", "--pairs", "1", "--steps", "1",
+         "--warmup", "1", "--mode", "lora-dpo", "--data", "cache", "--quantization", "nf4", "--json", str(out)],
+        capture_output=True, text=True, timeout=600, env={"OMP_NUM_THREADS": "1", **__import__("os").environ},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads(out.read_text())
+    assert "error" not in row and row["quantization"] == "nf4" and row["flops_per_step"] > 0
+    # the transformer alone was built (no VAE, no text encoder) and its block weights are in 4 bits
+    assert not row["encoders_built"] and 0 < row["weight_bytes"] < row["bf16_weight_bytes"]
+    assert "| tiny-flux | lora-dpo | cache | adamw |" in proc.stdout and "| nf4 |" in proc.stdout
+    assert "nf4 base (other weights fp32): weights / bf16 weights" in proc.stdout
+
+
+def test_step_cost_refuses_what_it_cannot_build():
+    def refusal(*args):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/step_cost.py"), *args],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        return proc.stderr
+
+    assert "trains from a cache only" in refusal("--arch", "sd3", "--mode", "lora-dpo")  # no T5-XXL built
+    assert "freezes the base" in refusal("--arch", "tiny-sd3", "--quantization", "nf4")  # full modes by default
+    assert "flow transformers" in refusal("--arch", "tiny", "--mode", "lora-dpo", "--quantization", "int8")

@@ -18,7 +18,6 @@ from lora_dpo.cli import main
 from lora_dpo.config import RecipeConfig, load_config
 from lora_dpo.library_noise import KNOWN_WARNINGS, quiet_known_warnings
 from lora_dpo.models.adapters import add_lora, load_lora_state_dict
-from lora_dpo.models.archs import save_tiny_pipeline
 from lora_dpo.models.families import family_for_index, get_family
 from lora_dpo.models.families.flow_matching import sample_density, scheduler_shift
 from lora_dpo.models.families.flux import latent_image_ids, pack_latents, unpack_latents
@@ -29,12 +28,6 @@ from lora_dpo.training.diagnostics import timestep_bucket_sums
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = {"sd3": ROOT / "recipes/sd35/lora_dpo.yaml", "flux": ROOT / "recipes/flux/lora_dpo.yaml"}
 FLOW = ("sd3", "flux")
-
-
-@pytest.fixture(scope="session")
-def tiny_flow(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flow-models")
-    return {family: save_tiny_pipeline(root / family, family, seed=0) for family in FLOW}
 
 
 def _args(model, data, out, *extra):

@@ -127,8 +127,9 @@ def test_fp16_and_8bit_adamw_without_a_gpu(tiny_sd15, photo_pairs, tmp_path, cap
 
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_shipped_recipe_validates_as_a_short_run(recipe, tiny_sd15, tiny_sdxl, photo_pairs, capsys):
-    model = tiny_sdxl if recipe.parent.name == "sdxl" else tiny_sd15
+def test_every_shipped_recipe_validates_as_a_short_run(recipe, request, photo_pairs, capsys):
+    folder = {"sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}.get(recipe.parent.name, "sd15")
+    model = request.getfixturevalue(f"tiny_{folder}")
     code = main(["validate", str(recipe), "train.max_steps=2", f"model.pretrained_model_name_or_path={model}",
                  f"data.dataset={photo_pairs}", "data.resolution=32", "train.mixed_precision=no"])
     captured = capsys.readouterr()

@@ -97,7 +97,7 @@ def test_evaluation_shows_one_progress_bar(tiny_sd15, photo_pairs, tmp_path, cap
         f"model.pretrained_model_name_or_path={tiny_sd15}", f"data.dataset={photo_pairs}", "data.resolution=32"])
     run = tmp_path / "run"
     save_random_lora(run, tiny_sd15, "sd15", r=cfg.lora.r, lora_alpha=cfg.lora.lora_alpha,
-                     target_modules=list(cfg.lora.target_modules))
+                     target_modules=cfg.lora.target_modules)
     (run / "recipe.yaml").write_text(cfg.to_yaml())
     capfd.readouterr()
     evaluate_run(run, scorer_spec="jpeg", prompts=PROMPTS, seeds_per_prompt=2, heldout_pairs=photo_pairs,

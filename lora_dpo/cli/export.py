@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import argparse
 
-import diffusers
-
 from lora_dpo.config import load_config
 from lora_dpo.export.formats import FORMATS, export_adapter
 from lora_dpo.models.loading import detect_family, read_model_index
-from lora_dpo.models.lora_files import resolve_lora_file
+from lora_dpo.models.lora_files import denoiser_config, resolve_lora_file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{file} is not in a lora-dpo run folder (no recipe.yaml): pass --base MODEL")
         base = load_config(recipe).model.pretrained_model_name_or_path
     family = detect_family(read_model_index(base))
-    unet_config = diffusers.UNet2DConditionModel.load_config(base, subfolder="unet")
-    out = export_adapter(file, args.out, args.format, family, unet_config)
+    config = denoiser_config(base, family)  # unet/ or transformer/config.json: SDXL and FLUX kohya names need it
+    out = export_adapter(file, args.out, args.format, family, config)
     print(f"{args.format} adapter for {base} ({family}): {out}")
     return 0

@@ -21,17 +21,22 @@ SCHEDULER_NAMES = ("default", "ddim", "ddpm", "pndm", "lms", "euler", "euler_a",
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="diffusers pipeline folder or hub id (SD1.5 or SDXL)")
+    parser.add_argument("model", help="diffusers pipeline folder or hub id (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1)")
     parser.add_argument("prompt", nargs="+",
-                        help="one or more prompts, compel syntax: '(word)1.3', '(a, b).blend(.7, .3)'")
-    parser.add_argument("--negative-prompt", default="")
+                        help="one or more prompts, compel syntax: '(word)1.3', '(a, b).blend(.7, .3)' (SD3: plain "
+                             "text, compel has no SD3 weighting)")
+    parser.add_argument("--negative-prompt", default="",
+                        help="FLUX.1 takes none (its guidance is distilled): refused there")
     parser.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]",
                         help="a LoRA (run folder or .safetensors) and its scale (default 1.0); repeat for several")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--guidance", type=float, default=7.5)
-    parser.add_argument("--scheduler", default="default", choices=SCHEDULER_NAMES)
-    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=7.5,
+                        help="classifier-free guidance scale (FLUX.1: the distilled guidance input, e.g. 3.5)")
+    parser.add_argument("--scheduler", default="default", choices=SCHEDULER_NAMES,
+                        help="sampler (SD3 / FLUX.1: default only, their flow-matching Euler sampler)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="pixels (default: the model's; FLUX.1's pipeline default is 1024)")
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--out", default="samples", help="output folder (default samples/)")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")

@@ -1,5 +1,6 @@
 """``lora-dpo merge MODEL ADAPTER OUT``: fuse a LoRA into its base model and write a diffusers pipeline folder (or
-the UNet alone) that opens without the adapter (:func:`lora_dpo.export.merge.merge_adapter`)."""
+the denoiser alone: the UNet, or the SD3 / FLUX transformer) that opens without the adapter
+(:func:`lora_dpo.export.merge.merge_adapter`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="a run folder or a LoRA .safetensors file (diffusers or kohya layout)")
     parser.add_argument("out", help="output folder")
     parser.add_argument("--scale", type=float, default=1.0, help="adapter strength (default 1.0, as trained)")
-    parser.add_argument("--unet-only", action="store_true", help="write only the UNet (UNet2DConditionModel folder)")
+    parser.add_argument("--unet-only", action="store_true", help="write only the denoiser: the UNet (UNet2DConditionModel folder), or the SD3 / FLUX "
+                             "transformer (SD3Transformer2DModel / FluxTransformer2DModel folder)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of the saved weights (fusing is done in fp32)")
     parser.add_argument("--revision", default=None)

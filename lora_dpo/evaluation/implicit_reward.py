@@ -21,33 +21,39 @@ from lora_dpo.config import DataConfig, LossConfig, RecipeConfig
 from lora_dpo.data.draws import EVAL_SALT, draw_seed
 from lora_dpo.data.pairs import PairDataset, collate_pairs
 from lora_dpo.data.sources import load_preference_dataset
-from lora_dpo.models.loading import Components, load_components
+from lora_dpo.models.families import family_for_index
+from lora_dpo.models.loading import Components, load_components, read_model_index
 from lora_dpo.models.lora_files import WEIGHT_NAME, read_lora_file
 from lora_dpo.models.policy import REFERENCE_LORA_FILE, build_policy
 from lora_dpo.training.steps import Reference, dpo_micro_step
 
 
-def load_exported_adapter(run_dir: str | Path) -> dict[str, torch.Tensor]:
+def load_exported_adapter(run_dir: str | Path, denoiser_name: str = "unet") -> dict[str, torch.Tensor]:
     """The run's exported adapter in PEFT naming, ready for :func:`lora_dpo.models.adapters.load_lora_state_dict`.
 
-    Reads ``pytorch_lora_weights.safetensors`` (``unet.<module>.lora_A.weight``; older files ``.lora.down.weight``) and
-    converts it to ``<module>.lora_A.weight`` (what :func:`lora_dpo.models.adapters.lora_state_dict` returns). It is
-    the file ``pipe.load_lora_weights(run_dir)`` reads for the images, so the implicit reward and the images
-    judge one adapter; for a finished run it equals the last checkpoint's ``trainable_weights.safetensors``
-    (a test checks this).
+    Reads ``pytorch_lora_weights.safetensors`` (``<denoiser>.<module>.lora_A.weight``; older UNet files
+    ``.lora.down.weight``) and converts it to ``<module>.lora_A.weight`` (what
+    :func:`lora_dpo.models.adapters.lora_state_dict` returns). ``denoiser_name``: the family's
+    :attr:`~lora_dpo.models.families.base.ModelFamily.denoiser_name`, the prefix of its keys (``unet``; SD3 / FLUX
+    ``transformer``). It is the file ``pipe.load_lora_weights(run_dir)`` reads for the images, so the implicit reward
+    and the images judge one adapter; for a finished run it equals the last checkpoint's
+    ``trainable_weights.safetensors`` (a test checks this).
 
     Raises:
-        FileNotFoundError: no exported adapter (an interrupted run exports nothing). ValueError: no UNet keys.
+        FileNotFoundError: no exported adapter (an interrupted run exports nothing). ValueError: no keys of the
+            denoiser (e.g. an SD1.5 file read for a FLUX run).
     """
     path = Path(run_dir) / WEIGHT_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: the run exported no adapter (an interrupted run exports "
                                 "nothing; resume it with train.resume_from=latest until it finishes)")
     state, _ = read_lora_file(path)
-    unet = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-    if not unet:
-        raise ValueError(f"{path} holds no UNet LoRA weights (keys such as {sorted(state)[:2]})")
-    return convert_unet_state_dict_to_peft(unet)
+    prefix = f"{denoiser_name}."
+    denoiser = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if not denoiser:
+        raise ValueError(f"{path} holds no LoRA weights of the {denoiser_name} (keys {prefix}...; found keys such "
+                         f"as {sorted(state)[:2]})")
+    return convert_unet_state_dict_to_peft(denoiser)  # the layouts' names -> PEFT's; PEFT names pass unchanged
 
 
 @dataclass
@@ -122,9 +128,11 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pai
     """DPO implicit-reward accuracy of the run's adapter on held-out preference pairs.
 
     Per pair, the margin of Wallace et al. Eq. 14, ``u = -0.5·β·[(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]``
-    (β from the recipe, ``e`` the per-sample denoising error, θ = base UNet + the adapter, ref = the same UNet
-    with the adapter disabled), computed by :func:`lora_dpo.training.steps.dpo_micro_step` for ``draws`` draws of
-    (t, noise, VAE sample). Each draw is shared by the policy and the reference and by both images of a pair;
+    (β from the recipe, ``e`` the per-sample denoising error, θ = base denoiser + the adapter, ref = the same
+    denoiser with the adapter disabled), computed by :func:`lora_dpo.training.steps.dpo_micro_step` for ``draws``
+    draws of (t, noise, VAE sample), noised and targeted as the family trains (:func:`lora_dpo.models.loading.add_noise`,
+    :func:`~lora_dpo.models.loading.timestep_sampler`: SD1.5/SDXL ε or v at an integer t; SD3 / FLUX the velocity at
+    σ from the recipe's density, FLUX conditioned on the recipe's guidance scale). Each draw is shared by the policy and the reference and by both images of a pair;
     draw k of pair i is seeded ``draw_seed(EVAL_SALT, seed, i, k)`` (:mod:`lora_dpo.data.draws`), so a result does not
     depend on ``batch_size``. A pair counts as correct when its mean margin over the draws is > 0 (strict).
 
@@ -149,7 +157,8 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pai
     device = torch.device(device)
     data_cfg = _heldout_data_config(cfg, heldout_pairs, max_pairs)
     dataset, report = load_preference_dataset(data_cfg)
-    state = load_exported_adapter(run_dir)
+    family = family_for_index(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    state = load_exported_adapter(run_dir, family.denoiser_name)
     components, reference = _load_policy(run_dir, cfg, state, dtype, device)
     loader = torch.utils.data.DataLoader(PairDataset(dataset, data_cfg, seed), batch_size=batch_size,
                                          shuffle=False, collate_fn=collate_pairs)

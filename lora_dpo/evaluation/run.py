@@ -205,8 +205,10 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
             seeds_per_prompt comparisons, each a base and a tuned image from one prompt and one seed.
         heldout_pairs: Pick-a-Pic-schema pairs for :func:`lora_dpo.evaluation.implicit_reward.implicit_reward_accuracy`
             (skipped when None); ``max_heldout_pairs`` keeps the first ones, ``implicit_draws`` is K.
-        num_inference_steps, guidance_scale: sampler settings, the same for base and tuned. Images are
-            ``data.resolution`` pixels square (the training resolution).
+        num_inference_steps, guidance_scale: sampler settings, the same for base and tuned (FLUX.1:
+            ``guidance_scale`` is the distilled guidance input, e.g. the recipe's ``model.guidance_scale``). Images
+            are ``data.resolution`` pixels square (the training resolution; passed explicitly, which FLUX's pipeline
+            needs: its default is 1024 px), sampled by the family's pipeline and its own scheduler.
         grid_prompts, grid_seeds: prompts (pairs of rows) and seeds (columns) shown in the grid.
         batch_size: images per pipeline call.
         device: default ``cuda`` when available, else ``cpu``.

@@ -15,18 +15,29 @@ from peft.utils import get_peft_model_state_dict
 
 from lora_dpo.models.adapters import ADAPTER_NAME
 from lora_dpo.models.families import get_family, pipeline_class
-from lora_dpo.models.lora_files import WEIGHT_NAME, match_output_mode
+from lora_dpo.models.lora_files import (
+    FAMILY_KEY,
+    WEIGHT_NAME,
+    match_output_mode,
+    read_lora_file,
+    save_safetensors,
+)
 from lora_dpo.models.pretrained import is_hub_id
 
 
 def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
                       full_state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write the UNet's ``default`` adapter as ``<save_dir>/pytorch_lora_weights.safetensors`` (its weights taken from
-    ``full_state``, the UNet's whole gathered state dict, when given).
+    """Write the denoiser's ``default`` adapter as ``<save_dir>/pytorch_lora_weights.safetensors`` (its weights taken
+    from ``full_state``, the denoiser's whole gathered state dict, when given).
 
-    Keys are ``unet.<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT names under diffusers' ``unet.`` prefix);
-    the safetensors header carries the PEFT ``LoraConfig`` (rank, alpha, target modules, patterns), so loaders do
-    not fall back to alpha = r. The keys are deliberately not passed through ``convert_state_dict_to_diffusers``:
+    ``unet``: the denoiser (``UNet2DConditionModel``, or the SD3 / FLUX transformer) holding the adapter. Keys are
+    ``<denoiser_name>.<module>.lora_A.weight`` / ``.lora_B.weight`` (PEFT names under diffusers' ``unet.`` or
+    ``transformer.`` prefix); the safetensors header carries the PEFT ``LoraConfig`` (rank, alpha, target modules,
+    patterns) under diffusers' key ``lora_adapter_metadata`` (``transformer.r``, ...), so loaders do not fall back to
+    alpha = r, and the family's registry name under ``lora_dpo.family``
+    (:data:`lora_dpo.models.lora_files.FAMILY_KEY`), so an adapter loaded onto a model of another family fails with a
+    message naming both (:func:`lora_dpo.models.lora_files.check_adapter_fits`), even where the shapes agree (the
+    tiny SD3 and FLUX transformers). The keys are deliberately not passed through ``convert_state_dict_to_diffusers``:
     it renames only the attention projections (``.lora.down.weight``) and leaves other modules in PEFT names, and
     diffusers' loader decides from the first key alone whether to convert, so an adapter on attention and, e.g.,
     ``proj_in`` would silently lose its attention weights on ``load_lora_weights``. ``family``: the registry name
@@ -39,8 +50,9 @@ def save_lora_adapter(save_dir: str | Path, unet: torch.nn.Module, family: str,
     layers = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     metadata = unet.peft_config[ADAPTER_NAME].to_dict()
     get_family(family).save_lora_weights(save_dir, layers, metadata, WEIGHT_NAME)
-    match_output_mode(save_dir / WEIGHT_NAME)
-    return save_dir / WEIGHT_NAME
+    # diffusers writes the file and its header; add the family to that header, keeping the rest as written
+    tensors, header = read_lora_file(save_dir / WEIGHT_NAME)
+    return save_safetensors(tensors, save_dir / WEIGHT_NAME, {**header, FAMILY_KEY: get_family(family).name})
 
 
 def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, family: str) -> Path:
@@ -53,7 +65,8 @@ def save_full_pipeline(save_dir: str | Path, unet: torch.nn.Module, model_cfg, f
     safetensors' ``0600``. Returns the path of ``model_index.json``.
     """
     cls = pipeline_class(family)
-    pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, unet=unet, revision=model_cfg.revision,
+    denoiser = {get_family(family).denoiser_name: unet}  # unet= / transformer=: the tuned one replaces the base's
+    pipe = cls.from_pretrained(model_cfg.pretrained_model_name_or_path, **denoiser, revision=model_cfg.revision,
                                variant=model_cfg.variant, use_safetensors=True)
     pipe.save_pretrained(save_dir, safe_serialization=True)
     save_dir = Path(save_dir)  # what save_pretrained wrote: the index and one folder per component

@@ -1,14 +1,24 @@
 """``lora-dpo generate``: images from a base model plus LoRA adapters, with their parameters in every PNG.
 
 Prompts in compel syntax (``(word)1.3``, ``word++``, ``("a", "b").blend(0.7, 0.3)``, ``.and()``) reach the
-pipeline as embeddings. Each image has its own ``torch.Generator("cpu").manual_seed(seed)`` (as in
-:mod:`lora_dpo.inference.sampling`), so images with the adapters on and off, same seed, start from the same noise.
+pipeline as embeddings, through the family's compel class (:attr:`~lora_dpo.models.families.base.ModelFamily.compel_class_name`:
+``CompelForSD``, ``CompelForSDXL``, ``CompelForFlux``). SD3 / SD3.5 has none in compel 2.5: its prompts go to the
+pipeline as text (``pipe(prompt=..., negative_prompt=...)``), and a prompt that asks for weighting (a weight other
+than 1, a blend, a conjunction) is refused before any weights load. FLUX.1 takes no negative prompt (its guidance is
+distilled into the transformer, ``guidance_scale`` is an input of the model, not classifier-free guidance), so one is
+refused; and its pipeline's default size is the real model's (1024 px), so small models want ``height``/``width``.
+The flow-matching pipelines sample with their own ``FlowMatchEulerDiscreteScheduler``: ``scheduler`` must be
+``default`` there (:data:`SCHEDULERS` are DDPM-schedule samplers).
+
+Each image has its own ``torch.Generator("cpu").manual_seed(seed)`` (as in :mod:`lora_dpo.inference.sampling`), so
+images with the adapters on and off, same seed, start from the same noise.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -76,8 +86,73 @@ def prompt_embeddings(pipe, prompt: str, negative_prompt: str = "") -> dict[str,
     family = family_of_pipeline(pipe)
     if family.compel_class_name is None:
         raise ValueError(f"compel has no prompt weighting for {family.label} pipelines: pass plain prompts")
+    if negative_prompt and not takes_negative_prompt(family):
+        raise ValueError(_no_negative_message(family))
     conditioning = getattr(compel, family.compel_class_name)(pipe)(prompt, negative_prompt=negative_prompt)
     return family.prompt_embeddings(conditioning, pipe, negative_prompt)
+
+
+def takes_negative_prompt(family) -> bool:
+    """The family's pipeline applies a negative prompt through classifier-free guidance. False for FLUX.1, whose
+    ``guidance_scale`` is an input of the guidance-distilled transformer: diffusers' ``FluxPipeline`` reads a
+    negative prompt only under ``true_cfg_scale`` (a second transformer pass per step), which this kit does not
+    offer. Read off the pipeline's ``__call__``: a ``true_cfg_scale`` parameter marks it."""
+    return "true_cfg_scale" not in inspect.signature(family.pipeline_class.__call__).parameters
+
+
+def _no_negative_message(family) -> str:
+    return (f"{family.label} takes no negative prompt (its guidance is distilled into the model; guidance_scale is "
+            "the distilled guidance input, not classifier-free guidance): drop the negative prompt")
+
+
+def is_weighted(prompt: str) -> bool:
+    """The compel-syntax ``prompt`` asks for more than plain text: a fragment weight other than 1 (``(word)1.3``,
+    ``word+``), a ``.blend()`` or an ``.and()`` of several prompts. Parentheses without a weight and quotes are
+    compel's grouping only (weight 1): plain. Raises ValueError for a prompt compel cannot parse."""
+    conjunction = Compel.parse_prompt_string(prompt)
+    if len(conjunction.prompts) != 1 or any(w != 1.0 for w in conjunction.weights):
+        return True
+    flat = conjunction.prompts[0]
+    return not hasattr(flat, "children") or any(
+        type(f).__name__ != "Fragment" or f.weight != 1.0 for f in flat.children)
+
+
+def check_prompts_for_family(family, prompts: Sequence[str], negative_prompt: str) -> None:
+    """What the family's pipeline cannot do with the prompts, before any weights load.
+
+    Raises:
+        ValueError: a negative prompt for a family that takes none (FLUX.1: :func:`takes_negative_prompt`); a
+            weighted prompt (:func:`is_weighted`) for a family compel has no class for (SD3 / SD3.5), naming it.
+    """
+    if negative_prompt and not takes_negative_prompt(family):
+        raise ValueError(_no_negative_message(family))
+    if family.compel_class_name is None:
+        for text in (*prompts, negative_prompt):
+            if is_weighted(text):
+                raise ValueError(f"prompt {text!r} asks for compel weighting ((word)1.3, word+, .blend(), .and()), "
+                                 f"which compel does not support for {family.label} pipelines: write it as plain "
+                                 "text (it goes to the pipeline as written)")
+
+
+def pipeline_prompt_kwargs(pipe, prompt: str, negative_prompt: str = "") -> dict:
+    """The pipeline's prompt keyword arguments for one prompt: compel's embeddings
+    (:func:`prompt_embeddings`) where compel supports the family; otherwise (SD3 / SD3.5) the text itself,
+    ``prompt`` and ``negative_prompt``, which the pipeline encodes (``StableDiffusion3Pipeline.encode_prompt``:
+    CLIP-L, CLIP-G and T5). Raises ValueError as :func:`check_prompts_for_family`."""
+    family = family_of_pipeline(pipe)
+    if family.compel_class_name is None:
+        check_prompts_for_family(family, [prompt], negative_prompt)
+        return dict(prompt=prompt, negative_prompt=negative_prompt)
+    return prompt_embeddings(pipe, prompt, negative_prompt)
+
+
+def check_scheduler_for_model(scheduler: str, model_index: dict) -> None:
+    """Raises ValueError for a :data:`SCHEDULERS` name on a flow-matching pipeline (SD3, FLUX: a
+    ``FlowMatch*`` scheduler in ``model_index.json``), whose velocity model the DDPM-schedule samplers cannot run."""
+    spec = model_index.get("scheduler") or [None, ""]
+    if scheduler != "default" and str(spec[1]).startswith("FlowMatch"):
+        raise ValueError(f"scheduler '{scheduler}' samples a DDPM schedule; this pipeline is a flow-matching model "
+                         f"({spec[1]}): use scheduler 'default'")
 
 
 def lora_hash(path: str | Path) -> str:
@@ -162,10 +237,14 @@ def generate(model: str, prompt: str | list[str], *, negative_prompt: str = "",
     (:func:`a1111_parameters`) and a ``lora-dpo`` chunk: the JSON of every parameter.
 
     Args:
-        model: diffusers SD1.x/2.x or SDXL pipeline folder or hub id. prompt: compel syntax, one or a list.
+        model: diffusers SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1 pipeline folder or hub id. prompt: compel syntax,
+            one or a list (SD3: plain text; see the module docstring).
+        negative_prompt: one for every prompt; FLUX.1 takes none (ValueError).
         adapters: ``(path, scale)`` pairs; path: a LoRA ``.safetensors`` file or a folder holding one.
         seeds: distinct integers; image (i, seed) uses ``torch.Generator("cpu").manual_seed(seed)``.
-        scheduler: one of :data:`SCHEDULER_NAMES` (``default``: the model's own). height, width: x8 or None.
+        scheduler: one of :data:`SCHEDULER_NAMES` (``default``: the model's own; the only one for SD3 / FLUX).
+        height, width: x8 or None (the pipeline's default: the denoiser's sample size; FLUX.1: 1024).
+        guidance_scale: classifier-free guidance (FLUX.1: the distilled guidance input, ignored by schnell).
         device: ``cuda`` when available, else ``cpu``. dtype: ``float32``, ``float16`` or ``bfloat16``.
     Returns:
         The report also written to ``generate.json``: parameters, ``images`` (file, kind, prompt, seed,
@@ -180,7 +259,11 @@ def generate(model: str, prompt: str | list[str], *, negative_prompt: str = "",
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     _check_args(prompts, negative_prompt, adapters, seeds, num_inference_steps, guidance_scale, scheduler,
                 (height, width), dtype, device)
-    family = family_for_index(read_model_index(str(model))).name
+    index = read_model_index(str(model))
+    model_family = family_for_index(index)
+    family = model_family.name
+    check_prompts_for_family(model_family, prompts, negative_prompt)
+    check_scheduler_for_model(scheduler, index)
     files = [check_adapter_fits_model(path, model) for path, _ in adapters]  # safetensors, fits the model
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"out_dir {out_dir} is a file: pass a folder")
@@ -256,7 +339,7 @@ def _render_passes(pipe, passes: list[tuple[str, bool]], prompts: list[str], see
             off, fuse = common["adapters"] and not enabled, common["adapters"] and enabled
             with lora_disabled(pipe) if off else sampling.fused_adapters(pipe) if fuse else nullcontext():
                 for i, text in enumerate(prompts):
-                    embeds = prompt_embeddings(pipe, text, negative_prompt)
+                    embeds = pipeline_prompt_kwargs(pipe, text, negative_prompt)
                     for seed in seeds:
                         t0 = time.perf_counter()
                         image = pipe(**embeds, generator=torch.Generator(device="cpu").manual_seed(seed), **call,

@@ -46,7 +46,8 @@ def quiet_loading() -> Iterator[None]:
 
 
 def _adapter_layers(pipe) -> list[BaseTunerLayer]:
-    """The PEFT layers of the pipeline's models (UNet, text encoders, ...) whose active adapters are on and not
+    """The PEFT layers of the pipeline's models (the denoiser, ``unet`` or SD3 / FLUX ``transformer``, the text
+    encoders, ...) whose active adapters are on and not
     yet merged: the ones :func:`fused_adapters` fuses."""
     models = [m for m in getattr(pipe, "components", {}).values() if isinstance(m, torch.nn.Module)]
     return [layer for model in models for layer in model.modules()
@@ -92,12 +93,15 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     ``torch.Generator("cpu").manual_seed(seeds[i])``.
 
     Args:
-        pipe: a diffusers text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ...)
-            whose ``__call__`` takes ``prompt``, ``generator``, ``num_inference_steps``, ``guidance_scale``,
-            ``height``, ``width`` and ``output_type``. Its scheduler is used as configured.
+        pipe: a diffusers text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
+            ``StableDiffusion3Pipeline``, ``FluxPipeline``) whose ``__call__`` takes ``prompt``, ``generator``,
+            ``num_inference_steps``, ``guidance_scale``, ``height``, ``width`` and ``output_type``. Its scheduler
+            is used as configured.
         prompts, seeds: same length N; seeds are integers (``manual_seed`` range).
-        num_inference_steps, guidance_scale: passed to the pipeline (classifier-free guidance when > 1).
-        height, width: image size in pixels; None = the pipeline's default (UNet sample size × VAE factor).
+        num_inference_steps, guidance_scale: passed to the pipeline (classifier-free guidance when > 1; FLUX.1:
+            the distilled guidance input of the transformer, one pass per step).
+        height, width: image size in pixels; None = the pipeline's default (denoiser sample size × VAE factor;
+            FLUX.1: 1024, whatever the model, so pass them for a small one).
         batch_size: images per pipeline call; changes speed and memory only, not the images (up to
             floating-point reduction order, which on CPU leaves pixels unchanged in practice).
         progress: show the pipeline's per-step progress bar (otherwise disabled via
@@ -132,8 +136,8 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
 
 def load_pipeline(model: str | os.PathLike, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                   revision: str | None = None, variant: str | None = None):
-    """A diffusers pipeline of the model's family (read from ``model_index.json``: SD1.5, SDXL) for sampling and
-    scoring, with the family's :meth:`~lora_dpo.models.families.base.ModelFamily.pipeline_kwargs`.
+    """A diffusers pipeline of the model's family (read from ``model_index.json``: SD1.5, SDXL, SD3, FLUX) for
+    sampling and scoring, with the family's :meth:`~lora_dpo.models.families.base.ModelFamily.pipeline_kwargs`.
 
     SD1.5's safety checker is left out: it blacks out images it flags, which would corrupt any score. The
     pipeline's progress bar is off, and so are the loading bars (:func:`quiet_loading`). Only safetensors weights are read. Raises :class:`lora_dpo.errors.ModelLoadError`

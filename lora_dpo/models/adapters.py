@@ -76,21 +76,24 @@ def _adapter_params(unet: torch.nn.Module, name: str) -> list[torch.nn.Parameter
 
 
 def add_lora_from(unet: torch.nn.Module, path, family: str) -> list[torch.nn.Parameter]:
-    """Freeze the UNet and load an existing LoRA twice: the trainable ``default`` and the frozen ``reference``.
+    """Freeze the denoiser and load an existing LoRA twice: the trainable ``default`` and the frozen ``reference``.
 
     The file's own shape wins (rank, alpha, target modules, per-module patterns: its diffusers metadata, or what
     diffusers infers from a kohya / A1111 file); both copies are kept in fp32, so at step 0 the policy and the
     reference compute exactly the same errors (u = 0, loss = ln 2).
 
     Args:
-        unet: a diffusers ``UNet2DConditionModel`` without adapters.
+        unet: the denoiser without adapters: ``UNet2DConditionModel`` (SD1.x/2.x, SDXL), ``SD3Transformer2DModel`` or
+            ``FluxTransformer2DModel``; the file's keys are read under the family's ``denoiser_name`` prefix
+            (``unet.`` / ``transformer.``).
         path: the LoRA (file or folder; safetensors only, see :func:`lora_dpo.models.lora_files.resolve_lora_file`).
-        family: the registry name of the UNet's family (:mod:`lora_dpo.models.families`), whose pipeline reader
-            converts kohya keys.
+        family: the registry name of the denoiser's family (:mod:`lora_dpo.models.families`), whose pipeline reader
+            converts kohya keys (FLUX: BFL's fused names) and returns its network alphas.
     Returns:
         The trainable parameters (the ``default`` adapter's A and B matrices), fp32.
     Raises:
-        AdapterMismatchError: the LoRA was made for another model. UnsafeFileError: not a safetensors file.
+        AdapterMismatchError: the LoRA was made for another model or family (checked before anything loads:
+            :func:`lora_dpo.models.lora_files.check_adapter_fits`). UnsafeFileError: not a safetensors file.
         ValueError: the LoRA has dropout (it would make policy and reference differ at step 0).
     """
     file = resolve_lora_file(path)

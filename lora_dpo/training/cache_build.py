@@ -68,7 +68,9 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
         batch_size: pairs per VAE / text-encoder / UNet call.
         reference_draws: K > 0 also computes the reference errors of K fixed draws per pair (and flip variant).
         storage_dtype: of the latents (default: the VAE's dtype, which reproduces the image path exactly;
-            ``float16`` halves the disk).
+            ``float16`` / ``bfloat16`` halve the disk of an fp32 VAE's: bf16 rounds each value by at most 2^-8
+            relative, see :mod:`lora_dpo.data.cache`). SD3 / FLUX store 16-channel posteriors and their T5 + CLIP
+            text conditioning (``text_keys``); their reference errors are drawn from the recipe's σ density.
     Returns:
         The manifest (``cache.json``): key, shapes, counts, ``skipped`` by reason, seconds.
     Raises:
@@ -97,14 +99,12 @@ def build_cache(cfg, out: str | Path, *, shard_size: int = 1000, batch_size: int
             return manifest
         out.mkdir(parents=True, exist_ok=True)
         policy = None
-        if reference_draws:
-            # in train mode, as in training (CPU kernels differ)
+        if reference_draws:  # in train mode, as in training (CPU kernels differ)
             _, policy, _ = setup_policy(cfg, device, components)
         empty = {k: v.float().cpu().contiguous() for k, v in encode_prompts(components, [""]).items()}
         save_safetensors({k: v[0] for k, v in empty.items()}, out / EMPTY_CAPTION)
         manifest = manifest or {
-            "key": key, "complete": False, "pairs": len(dataset) if dataset is not None else None,
-            "pairs_done": 0,
+            "key": key, "complete": False, "pairs": len(dataset) if dataset is not None else None, "pairs_done": 0,
             "shards": [], "text_shards": [], "skipped": {}, "data_report": report,
             "scaling_factor": components.latent_scale, "family": components.family,
             "num_train_timesteps": components.noise_scheduler.config.num_train_timesteps,
@@ -240,9 +240,11 @@ class _ShardEncoder:
                 refs = _reference_errors(self.components, self.policy, batch, text, variants, self.draws, self.seed,
                                          self.weight_dtype, self.device)
                 B = batch.num_pairs
+                hidden_key, pooled_key = text_keys(text)
                 self.shapes = {"latent_shape": list(variants[0][0].shape[1:]),
-                               "hidden_shape": list(text["encoder_hidden_states"].shape[1:]),
-                               "pooled_shape": list(text["text_embeds"].shape[1:]) if "text_embeds" in text else None}
+                               "hidden_shape": list(text[hidden_key].shape[1:]),
+                               "pooled_shape": list(text[pooled_key].shape[1:]) if pooled_key else None,
+                               "text_keys": [hidden_key, pooled_key]}
             for item in items:
                 columns["ok"].append(not isinstance(item, SkippedRow))
                 if isinstance(item, SkippedRow):
@@ -265,15 +267,30 @@ class _ShardEncoder:
                 if caption not in self.caption_ids:
                     self.caption_ids[caption] = len(self.caption_ids)
                     texts["caption"].append(caption)
-                    texts["hidden"].append(_bytes(text["encoder_hidden_states"][j], torch.float32))
-                    texts["pooled"].append(_bytes(text["text_embeds"][j], torch.float32) if "text_embeds" in text
-                                           else b"")
+                    texts["hidden"].append(_bytes(text[hidden_key][j], torch.float32))
+                    texts["pooled"].append(_bytes(text[pooled_key][j], torch.float32) if pooled_key else b"")
                 columns["caption_id"].append(self.caption_ids[caption])
                 columns["original_size"].append(batch.original_size[rows].flatten().tolist())
                 columns["crop_top_left"].append(batch.crop_top_left[rows].flatten().tolist())
                 columns["ref_mse"].append(_bytes(refs[:, :, rows], torch.float32) if refs is not None else b"")
             bar.update(len(items))
         return columns, texts
+
+
+def text_keys(text: dict[str, torch.Tensor]) -> tuple[str, str | None]:
+    """``(hidden, pooled)``: the keys of a family's text conditioning (:func:`lora_dpo.models.loading.encode_prompts`)
+    the cache stores as ``hidden`` ``(L, D)`` and ``pooled`` ``(P,)`` per caption: ``encoder_hidden_states`` and the
+    one other key (SDXL ``text_embeds``, SD3 / FLUX ``pooled_projections``), None where there is none (SD1.5).
+
+    Raises:
+        ValueError: a conditioning of another layout (no ``encoder_hidden_states``, or more than one other tensor),
+            which the cache's two columns cannot hold.
+    """
+    others = sorted(k for k in text if k != "encoder_hidden_states")
+    if "encoder_hidden_states" not in text or len(others) > 1:
+        raise ValueError(f"the latent cache stores encoder_hidden_states and at most one pooled embedding per "
+                         f"caption; this model's text conditioning has {sorted(text)}")
+    return "encoder_hidden_states", (others[0] if others else None)
 
 
 def _bytes(t: torch.Tensor, dtype: torch.dtype) -> bytes:

@@ -47,6 +47,7 @@ from lora_dpo.training.memory import peak_memory_gb
 from lora_dpo.training.optim import build_lr_scheduler, build_optimizer, check_optimizer_available
 from lora_dpo.training.run_folder import MetricsLog, RunLock, StopSignal, check_resume_layout, prepare_run_dir
 from lora_dpo.training.setup import (
+    attention_kernels,
     check_accumulation,
     fill_deepspeed_config,
     open_training_data,
@@ -104,7 +105,7 @@ class PreferenceRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         # 1. Cheap checks first, before any weight loads: model folder/id, data set, run folder, resume point.
-        recipe_family(cfg)  # the model's index and the options its family takes
+        family = recipe_family(cfg)  # the model's index and the options its family takes
         check_optimizer_available(cfg.optim)
         self._held.enter_context(torch_threads(cfg.train.num_threads))  # restored when the run ends
         # One run per folder, taken before the data is read so that a second run stops at once; the global main
@@ -118,6 +119,7 @@ class PreferenceRecipe:
         self._check_starting_lora(cfg.lora, cfg.model, cfg.train.mode)
         # 2. Accelerator and the run folder; 3. models; 4. optimizer; 5. resume; 6. logging.
         self._setup_accelerator(cfg.train)
+        self._held.enter_context(attention_kernels(family, self.accelerator.device))  # restored when the run ends
         self._setup_run_folder(cfg.output)
         self._setup_model()
         self._setup_optimizer(cfg.optim, cfg.train.max_steps, cfg.train.batch_size)

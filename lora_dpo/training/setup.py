@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from accelerate.utils import DistributedType
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lora_dpo.config import DataConfig, RecipeConfig
 from lora_dpo.data.cache import CachedPairDataset, check_cache
@@ -197,3 +198,16 @@ def torch_threads(num_threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+@contextmanager
+def attention_kernels(family: ModelFamily, device) -> Iterator[None]:
+    """Run the block with the attention kernels the family trains with: on CUDA, a family whose
+    :attr:`~lora_dpo.models.families.base.ModelFamily.cudnn_attention` is False gets PyTorch's flash,
+    memory-efficient and math kernels only (``torch.nn.attention.sdpa_kernel``, restored on exit); anything else
+    runs as it is."""
+    if torch.device(device).type != "cuda" or family.cudnn_attention:
+        yield
+        return
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        yield

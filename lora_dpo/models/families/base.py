@@ -108,12 +108,23 @@ class ModelFamily(ABC):
     """The name of its tiny random-weight test pipeline in :data:`lora_dpo.models.archs.ARCHES`."""
     recipe_folder: ClassVar[str | None] = None
     """The ``recipes/`` folder whose recipes are written for this family (None: :attr:`name`; SD3: ``sd35``)."""
+    cudnn_attention: ClassVar[bool] = True
+    """Whether training may use cuDNN's fused attention (PyTorch's ``SDPBackend.CUDNN_ATTENTION``). FLUX: False,
+    its backward fails for FLUX.1's 24 x 128 heads (measured on an H200, torch 2.x: ``mha_graph.execute ...
+    is_good()``; first a CUDA illegal memory access), so its runs use the flash / memory-efficient kernels."""
     lora_exclude_modules: ClassVar[str | None] = None
     """PEFT ``exclude_modules`` (a regex matched against the whole module path) of every LoRA on the denoiser: FLUX
     leaves out its final ``proj_out``, whose name the single blocks' ``proj_out`` target also matches."""
     flow_options: ClassVar[tuple[str, ...]] = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale",
                                                 "quantization", "guidance_scale")
     """``model`` keys that only the flow-matching families read."""
+
+    def draw_key(self, model_cfg) -> dict[str, Any]:
+        """The recipe's settings (``model`` section) that change a pair's reference errors beyond the weights: how
+        the timestep or σ is drawn and what the denoiser is conditioned on. A cache of precomputed reference errors
+        stores them in its key. None for the UNet families (their draw is fixed); SD3/FLUX: the σ density, FLUX also
+        the guidance scale."""
+        return {}
 
     def check_recipe(self, cfg) -> None:
         """Refuse, before any weights load, recipe options this family cannot honour. The UNet families refuse the

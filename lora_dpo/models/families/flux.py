@@ -75,6 +75,12 @@ class Flux(RectifiedFlowFamily):
     tiny_arch = "tiny-flux"
     compel_class_name = "CompelForFlux"
     tiny_options = {"guidance_embeds": True}
+    cudnn_attention = False
+
+    def draw_key(self, model_cfg) -> dict[str, Any]:
+        """Adds the guidance scale the transformer is conditioned on (``model.guidance_scale``, default 3.5)."""
+        scale = model_cfg.guidance_scale if model_cfg.guidance_scale is not None else DEFAULT_GUIDANCE
+        return {**super().draw_key(model_cfg), "guidance_scale": scale}
 
     def _layout(self, model_index: dict) -> bool:
         return "text_encoder_2" in model_index and "text_encoder_3" not in model_index
@@ -100,7 +106,8 @@ class Flux(RectifiedFlowFamily):
         kwargs = {"encoder_hidden_states": states,
                   "pooled_projections": text["pooled_projections"].repeat(images_per_caption, 1).to(dtype)}
         if components.unet is not None and components.unet.config.guidance_embeds:
-            scale = components.options.get("guidance") or DEFAULT_GUIDANCE
+            scale = components.options.get("guidance")
+            scale = DEFAULT_GUIDANCE if scale is None else scale
             kwargs["guidance"] = torch.full((states.shape[0],), float(scale), device=states.device)
         return kwargs
 

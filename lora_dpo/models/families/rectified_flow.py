@@ -34,7 +34,7 @@ from lora_dpo.models.families.flow_matching import (
     scheduler_shift,
 )
 from lora_dpo.models.pretrained import DTYPES, safetensors_only
-from lora_dpo.models.quantize import quantize_linear_layers
+from lora_dpo.models.quantize import check_quantization, quantize_linear_layers
 from lora_dpo.models.tiny_flow import build_tiny_flow_components
 
 # The σ density of a run when the recipe names none: SD3's (Esser et al. 2024, Eq. 19, m = 0, s = 1), the default of
@@ -118,6 +118,10 @@ class RectifiedFlowFamily(ModelFamily):
                                   guidance=getattr(model_cfg, "guidance_scale", None))
         return components
 
+    def draw_key(self, model_cfg) -> dict[str, Any]:
+        """``{"sigma_sampling": ...}``: the σ density with its defaults resolved (:func:`sigma_sampling`)."""
+        return {"sigma_sampling": sigma_sampling(model_cfg)}
+
     def check_recipe(self, cfg) -> None:
         """Flow families take the σ density and quantization options and refuse what only a UNet has.
 
@@ -132,6 +136,8 @@ class RectifiedFlowFamily(ModelFamily):
         if cfg.model.quantization and cfg.train.mode == "full":
             raise ConfigError(f"model.quantization={cfg.model.quantization} freezes the base in 4/8 bits, which full "
                               "fine-tuning trains: use train.mode=lora, or remove model.quantization")
+        if cfg.model.quantization:  # bitsandbytes present and usable, before any weights load
+            check_quantization(cfg.model.quantization)
         vae = AutoencoderKL.load_config(cfg.model.pretrained_model_name_or_path, subfolder="vae",
                                         revision=cfg.model.revision)
         step = 2 ** (len(vae.get("block_out_channels", (0,) * 4)) - 1) * self.patch_size
