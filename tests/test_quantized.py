@@ -313,3 +313,14 @@ def test_refusals_come_before_any_weights_load(tiny_sd3, tiny_sd15, photo_pairs,
         "train", str(RECIPES["sd3"]), *_args(tiny_sd3, photo_pairs, tmp_path / "c", "model.quantization=nf4")])
     assert "model.quantization=nf4" in missing and "pip install bitsandbytes" in missing
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
+
+
+def test_refused_where_bitsandbytes_has_no_layers(tiny_flux, photo_pairs, tmp_path, monkeypatch, capsys):
+    """A machine whose accelerator is Apple MPS (simulated: no CUDA, MPS available): one ``error:`` line, before any
+    weights load."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    line = _refuses_before_loading(monkeypatch, capsys, [
+        "train", str(RECIPES["flux"]), *_args(tiny_flux, photo_pairs, tmp_path / "m", "model.quantization=int8")])
+    assert "model.quantization=int8" in line and "Apple MPS" in line
+    assert not (tmp_path / "m").exists()

@@ -75,13 +75,16 @@ def check_quantization(kind: str) -> None:
 
     Raises:
         ConfigError: an unknown ``kind``; bitsandbytes missing or unusable (:func:`bitsandbytes_problem`), naming
-            the option and the fix.
+            the option and the fix; a machine whose accelerator is Apple MPS (bitsandbytes has no MPS layers).
     """
     if kind not in QUANTIZATIONS:
         raise ConfigError(f"model.quantization must be one of {QUANTIZATIONS}, not {kind!r}")
     problem = bitsandbytes_problem()
     if problem:
         raise ConfigError(f"model.quantization={kind} needs bitsandbytes: {problem} (or remove model.quantization)")
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():  # where accelerate would train
+        raise ConfigError(f"model.quantization={kind}: bitsandbytes' 4/8-bit layers run on CUDA and on the CPU, not on "
+                          "Apple MPS, where this run would train; remove model.quantization (or train on a CUDA GPU)")
 
 
 def _quantized_linear(linear: torch.nn.Linear, kind: str, compute_dtype: torch.dtype) -> torch.nn.Module:
