@@ -342,14 +342,15 @@ def test_flux_run_evaluates_with_the_flow_objective(flow_models, photo_pairs, tm
     from lora_dpo.evaluation.run import evaluate_run
 
     run = tmp_path / "run"
-    cfg = _cfg("flux", flow_models["flux"], photo_pairs, run, "train.max_steps=2")
+    cfg = _cfg("flux", flow_models["flux"], photo_pairs, run, "train.max_steps=2", "model.guidance_scale=2.5")
     train(cfg)
     weights = load_file(run / "pytorch_lora_weights.safetensors")  # 2 steps move B by ~lr: make the change visible
     save_file({k: v * 100 if "lora_B" in k else v for k, v in weights.items()}, run / "pytorch_lora_weights.safetensors")
     report = evaluate_run(run, scorer_spec=_Brightness(), prompts=["a cat"], seeds_per_prompt=2,
-                          num_inference_steps=STEPS, guidance_scale=3.5, heldout_pairs=photo_pairs,
+                          num_inference_steps=STEPS, heldout_pairs=photo_pairs,
                           max_heldout_pairs=2, implicit_draws=1, out_dir=tmp_path / "eval", save_images=True)
     assert report["family"] == "flux" and report["n_comparisons"] == 2 and report["identical_images"] == 0
+    assert report["settings"]["guidance_scale"] == 2.5  # sampled with the guidance the run trained with
     for kind in ("base", "tuned"):
         assert Image.open(tmp_path / "eval" / "eval_samples" / kind / "000_10000.png").size == (32, 32)
     assert report["implicit_reward"]["n_pairs"] == 2

@@ -20,8 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-heldout-pairs", type=int, default=None, help="use only the first N held-out pairs")
     parser.add_argument("--base-model", default=None, help="default: the recipe's model")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
-    parser.add_argument("--guidance", type=float, default=3.0,
-                        help="classifier-free guidance scale (FLUX.1: the distilled guidance input, e.g. 3.5)")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="guidance scale (default: the recipe's model.guidance_scale, as FLUX.1-dev trained with; "
+                             "else 3.0)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per pipeline call")
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])

@@ -187,7 +187,7 @@ def _save_pictures(plan: _Comparisons, base_images: list[Image.Image], tuned_ima
 def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_spec: str | Any,
                  prompts: Sequence[str], seeds_per_prompt: int, seed_offset: int = 10_000,
                  heldout_pairs: str | Path | None = None, num_inference_steps: int = 20,
-                 guidance_scale: float = 3.0, grid_prompts: int = 10, grid_seeds: int = 6,
+                 guidance_scale: float | None = None, grid_prompts: int = 10, grid_seeds: int = 6,
                  out_dir: str | Path | None = None, batch_size: int = 64, implicit_draws: int = 4,
                  max_heldout_pairs: int | None = None, device: str | None = None, dtype: str = "float32",
                  save_images: bool = False, progress: bool = False) -> dict[str, Any]:
@@ -205,8 +205,9 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
             seeds_per_prompt comparisons, each a base and a tuned image from one prompt and one seed.
         heldout_pairs: Pick-a-Pic-schema pairs for :func:`lora_dpo.evaluation.implicit_reward.implicit_reward_accuracy`
             (skipped when None); ``max_heldout_pairs`` keeps the first ones, ``implicit_draws`` is K.
-        num_inference_steps, guidance_scale: sampler settings, the same for base and tuned (FLUX.1:
-            ``guidance_scale`` is the distilled guidance input, e.g. the recipe's ``model.guidance_scale``). Images
+        num_inference_steps, guidance_scale: sampler settings, the same for base and tuned. ``guidance_scale``
+            None: the recipe's ``model.guidance_scale`` where it sets one (FLUX.1-dev: the distilled guidance input
+            the run trained with), else 3.0. Images
             are ``data.resolution`` pixels square (the training resolution; passed explicitly, which FLUX's pipeline
             needs: its default is 1024 px), sampled by the family's pipeline and its own scheduler.
         grid_prompts, grid_seeds: prompts (pairs of rows) and seeds (columns) shown in the grid.
@@ -239,6 +240,8 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
     if base_model is not None:
         cfg.model.pretrained_model_name_or_path = str(base_model)
     family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
+    if guidance_scale is None:
+        guidance_scale = cfg.model.guidance_scale if cfg.model.guidance_scale is not None else 3.0
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # The scorer loads before any sampling: a bad spec fails fast.
     scorer = load_scorer(scorer_spec) if isinstance(scorer_spec, str) else scorer_spec
