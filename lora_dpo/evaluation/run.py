@@ -205,9 +205,8 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
             seeds_per_prompt comparisons, each a base and a tuned image from one prompt and one seed.
         heldout_pairs: Pick-a-Pic-schema pairs for :func:`lora_dpo.evaluation.implicit_reward.implicit_reward_accuracy`
             (skipped when None); ``max_heldout_pairs`` keeps the first ones, ``implicit_draws`` is K.
-        num_inference_steps, guidance_scale: sampler settings, the same for base and tuned. ``guidance_scale``
-            None: the recipe's ``model.guidance_scale`` where it sets one (FLUX.1-dev: the distilled guidance input
-            the run trained with), else 3.0. Images
+        num_inference_steps, guidance_scale: sampler settings, the same for base and tuned (None: the recipe's
+            ``model.guidance_scale``, FLUX.1-dev's trained guidance, else 3.0). Images
             are ``data.resolution`` pixels square (the training resolution; passed explicitly, which FLUX's pipeline
             needs: its default is 1024 px), sampled by the family's pipeline and its own scheduler.
         grid_prompts, grid_seeds: prompts (pairs of rows) and seeds (columns) shown in the grid.
@@ -240,8 +239,7 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
     if base_model is not None:
         cfg.model.pretrained_model_name_or_path = str(base_model)
     family = detect_family(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
-    if guidance_scale is None:
-        guidance_scale = cfg.model.guidance_scale if cfg.model.guidance_scale is not None else 3.0
+    guidance_scale = next(g for g in (guidance_scale, cfg.model.guidance_scale, 3.0) if g is not None)
     torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     # The scorer loads before any sampling: a bad spec fails fast.
     scorer = load_scorer(scorer_spec) if isinstance(scorer_spec, str) else scorer_spec

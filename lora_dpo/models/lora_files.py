@@ -193,16 +193,6 @@ _OUTER_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_mod
 # Module names only a UNet has (diffusers' and Stability's SGM names, dotted or kohya's underscores).
 _UNET_BLOCKS = re.compile(r"(^|[._])(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block)[._]")
 # Markers of one transformer family in the keys: registry name -> [(pattern, what the message says)].
-_FAMILY_MARKERS = {
-    "flux": [(re.compile(r"(^|\.)single_transformer_blocks\."), "they name FLUX's single_transformer_blocks"),
-             (re.compile(r"^lora_unet_(double|single)_blocks_"), "they are kohya FLUX names (lora_unet_double_blocks_"
-                                                                 "/single_blocks_)"),
-             (re.compile(r"(^|\.)(double_blocks|single_blocks)\.\d+\."), "they name BFL's double_blocks/single_blocks")],
-    "sd3": [(re.compile(r"(^|[._])joint_blocks[._]"), "they name SD3's joint_blocks"),
-            (re.compile(r"^(transformer\.)?transformer_blocks\.\d+\.attn2\."), "they name SD3.5's dual attention "
-                                                                               "(attn2)")],
-}
-_BLOCK_MODULE = re.compile(r"^(?:transformer\.)?transformer_blocks\.(\d+)\.(.+)")
 _LORA_PART = re.compile(r"\.(lora_[AB]|lora\.(down|up)|lora_(down|up)|lora_linear_layer\.(down|up))(\.[^.]+)?\.weight$"
                         r"|\.alpha$")
 
@@ -218,23 +208,6 @@ def _module_paths(keys) -> set[str]:
     return paths
 
 
-def _context_pre_only(paths: set[str]) -> bool:
-    """SD3's last joint block is ``context_pre_only``: it projects the caption stream (``add_q/k/v_proj``) but has no
-    ``to_add_out`` / ``ff_context`` (FLUX's double blocks all have them). True when the adapter's blocks show exactly
-    that: the caption output layers on every block with caption projections except the highest one."""
-    projections, outputs = set(), set()
-    for path in paths:
-        match = _BLOCK_MODULE.match(path)
-        if not match:
-            continue
-        block, inner = int(match[1]), match[2]
-        if inner.startswith(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")):
-            projections.add(block)
-        elif inner.startswith(("attn.to_add_out", "ff_context.")):
-            outputs.add(block)
-    return bool(outputs) and len(projections) > 1 and outputs == projections - {max(projections)}
-
-
 def adapter_key_families(keys) -> tuple[list[ModelFamily], str]:
     """The families whose denoiser an adapter's keys can belong to, from their structure alone, and why.
 
@@ -242,7 +215,8 @@ def adapter_key_families(keys) -> tuple[list[ModelFamily], str]:
     every UNet family (SD1.x/2.x, SDXL: the shape check tells them apart); transformer keys (prefix ``transformer.``,
     root ``transformer_blocks``) every transformer family, narrowed to FLUX.1 by ``single_transformer_blocks`` or
     kohya's ``lora_unet_double_blocks_`` / ``single_blocks_`` (BFL names), and to SD3/SD3.5 by ``joint_blocks``,
-    SD3.5's ``attn2`` or SD3's ``context_pre_only`` last block (:func:`_context_pre_only`). Text-encoder keys are
+    SD3.5's ``attn2`` or SD3's ``context_pre_only`` last block (each family's
+    :meth:`~lora_dpo.models.families.base.ModelFamily.adapter_signature`). Text-encoder keys are
     ignored. Returns ``([], "")`` when the keys say nothing (e.g. a text-encoder-only file, an unknown layout).
 
     Args:
@@ -256,10 +230,10 @@ def adapter_key_families(keys) -> tuple[list[ModelFamily], str]:
         return [], ""
     families = list(FAMILIES.values())
     paths = _module_paths(keys)
-    for name, markers in _FAMILY_MARKERS.items():
-        for pattern, why in markers:
-            if any(pattern.search(p) for p in paths):
-                return [get_family(name)], f"its keys: {why}"
+    for family in families:  # the keys only one family's adapters have (ModelFamily.lora_key_markers)
+        why = family.adapter_signature(paths)
+        if why:
+            return [family], why
     unet = [f for f in families if f.denoiser_name == "unet"]
     if any(p.startswith("unet.") for p in paths):
         return unet, "its keys start with unet."
@@ -268,9 +242,6 @@ def adapter_key_families(keys) -> tuple[list[ModelFamily], str]:
     if any(p.startswith("lora_unet_") for p in paths):
         return unet, "its keys are kohya UNet names (lora_unet_)"
     transformer = [f for f in families if f.denoiser_name == "transformer"]
-    if _context_pre_only(paths):
-        return [get_family("sd3")], ("its keys: the last joint block has caption projections but no caption output "
-                                     "(SD3's context_pre_only block)")
     if any(p.startswith("transformer.") or p.startswith("transformer_blocks.") for p in paths):
         return transformer, "its keys start with transformer."
     return [], ""

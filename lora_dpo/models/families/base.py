@@ -13,6 +13,7 @@ layout), several text encoders (two CLIPs plus T5), and a density over σ in [0,
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -118,6 +119,20 @@ class ModelFamily(ABC):
     flow_options: ClassVar[tuple[str, ...]] = ("weighting_scheme", "logit_mean", "logit_std", "mode_scale",
                                                 "quantization", "guidance_scale")
     """``model`` keys that only the flow-matching families read."""
+
+    lora_key_markers: ClassVar[tuple[tuple[str, str], ...]] = ()
+    """``(regular expression, reason)`` pairs: LoRA module paths (keys without their LoRA part and outer prefixes)
+    that only this family's adapters have, in any layout (diffusers, kohya, BFL), searched by
+    :meth:`adapter_signature`. The UNet families have none (the shape check tells SD1.x from SDXL)."""
+
+    def adapter_signature(self, paths: set[str]) -> str | None:
+        """Why an adapter whose module paths are ``paths`` can only be this family's ("they name FLUX's
+        single_transformer_blocks"), or None. :func:`lora_dpo.models.lora_files.adapter_key_families` asks every
+        family before it falls back to the key prefixes."""
+        for pattern, why in self.lora_key_markers:
+            if any(re.search(pattern, path) for path in paths):
+                return f"its keys: {why}"
+        return None
 
     def draw_key(self, model_cfg) -> dict[str, Any]:
         """The recipe's settings (``model`` section) that change a pair's reference errors beyond the weights: how

@@ -76,6 +76,11 @@ class Flux(RectifiedFlowFamily):
     compel_class_name = "CompelForFlux"
     tiny_options = {"guidance_embeds": True}
     cudnn_attention = False
+    lora_key_markers = (
+        (r"(^|\.)single_transformer_blocks\.", "they name FLUX's single_transformer_blocks"),
+        (r"^lora_unet_(double|single)_blocks_", "they are kohya FLUX names (lora_unet_double_blocks_ / single_blocks_)"),
+        (r"(^|\.)(double_blocks|single_blocks)\.\d+\.", "they name BFL's double_blocks / single_blocks"),
+    )
 
     def draw_key(self, model_cfg) -> dict[str, Any]:
         """Adds the guidance scale the transformer is conditioned on (``model.guidance_scale``, default 3.5)."""

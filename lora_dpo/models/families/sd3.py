@@ -5,6 +5,7 @@ dual-attention layers and QK norm, read from its config) on a 16-channel VAE, co
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -63,6 +64,18 @@ class SD3(RectifiedFlowFamily):
     tiny_arch = "tiny-sd3"
     recipe_folder = "sd35"
     compel_class_name = None  # compel 2.5 has no SD3 class
+    lora_key_markers = (
+        (r"(^|[._])joint_blocks[._]", "they name SD3's joint_blocks"),
+        (r"^(transformer\.)?transformer_blocks\.\d+\.attn2\.", "they name SD3.5's dual attention (attn2)"),
+    )
+
+    def adapter_signature(self, paths: set[str]) -> str | None:
+        """Adds SD3's ``context_pre_only`` last block (:func:`context_pre_only`) to the key markers."""
+        why = super().adapter_signature(paths)
+        if why is None and context_pre_only(paths):
+            why = ("its keys: the last joint block has caption projections but no caption output (SD3's "
+                   "context_pre_only block)")
+        return why
 
     def _layout(self, model_index: dict) -> bool:
         return "text_encoder_3" in model_index
@@ -126,3 +139,23 @@ class SD3(RectifiedFlowFamily):
             tokenizer=build_tokenizer(max_length=77), tokenizer_2=build_tokenizer(max_length=77),
             tokenizer_3=t5_tokenizer,
         )
+
+
+_BLOCK_MODULE = re.compile(r"^(?:transformer\.)?transformer_blocks\.(\d+)\.(.+)")
+
+
+def context_pre_only(paths: set[str]) -> bool:
+    """SD3's last joint block is ``context_pre_only``: it projects the caption stream (``add_q/k/v_proj``) but has no
+    ``to_add_out`` / ``ff_context`` (FLUX's double blocks all have them). True when an adapter's module ``paths``
+    show exactly that: the caption output layers on every block with caption projections except the highest one."""
+    projections, outputs = set(), set()
+    for path in paths:
+        match = _BLOCK_MODULE.match(path)
+        if not match:
+            continue
+        block, inner = int(match[1]), match[2]
+        if inner.startswith(("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")):
+            projections.add(block)
+        elif inner.startswith(("attn.to_add_out", "ff_context.")):
+            outputs.add(block)
+    return bool(outputs) and len(projections) > 1 and outputs == projections - {max(projections)}
