@@ -23,7 +23,6 @@ import struct
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 from diffusers.utils import convert_unet_state_dict_to_peft
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -296,10 +295,10 @@ def check_adapter_family(file, tensors: dict, header: dict, family: str) -> Mode
 # -- does an adapter fit a denoiser --------------------------------------------------------------------------------
 
 def denoiser_class(family: str | ModelFamily) -> type:
-    """The diffusers class of a family's denoiser: its ``denoiser_class`` (SD3: ``SD3Transformer2DModel``, FLUX:
-    ``FluxTransformer2DModel``), else ``UNet2DConditionModel`` (SD1.x/2.x, SDXL). Raises ValueError: unknown name."""
+    """The diffusers class of a family's denoiser (:attr:`~lora_dpo.models.families.base.ModelFamily.denoiser_class`:
+    ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``). Raises ValueError: unknown name."""
     spec = get_family(family) if isinstance(family, str) else family
-    return getattr(spec, "denoiser_class", UNet2DConditionModel)
+    return spec.denoiser_class
 
 
 def denoiser_config(model: str | Path, family: str | ModelFamily, revision: str | None = None) -> dict:

@@ -97,6 +97,9 @@ class ModelFamily(ABC):
     denoiser_name: ClassVar[str]
     """The denoiser's subfolder in the pipeline and the prefix of its LoRA keys: ``unet`` (SD3/FLUX:
     ``transformer``)."""
+    denoiser_class: ClassVar[type]
+    """The denoiser's diffusers class: ``UNet2DConditionModel``; SD3: ``SD3Transformer2DModel``; FLUX:
+    ``FluxTransformer2DModel``."""
     default_target_modules: ClassVar[tuple[str, ...]]
     """PEFT ``target_modules`` of a LoRA on the denoiser's attention (the recipe default). SD3/FLUX add the joint
     attention's context projections (``add_q_proj``, ``add_k_proj``, ``add_v_proj``, ``to_add_out``)."""

@@ -57,8 +57,6 @@ class RectifiedFlowFamily(ModelFamily):
     """A transformer on the rectified-flow objective with a 16-channel VAE (``z = (x − shift)·scale``)."""
 
     denoiser_name = "transformer"
-    denoiser_class: ClassVar[type]
-    """``SD3Transformer2DModel`` / ``FluxTransformer2DModel``."""
     text_parts: ClassVar[tuple[tuple[str, str, type], ...]]
     """``(tokenizer, text encoder, encoder class)`` component names of the pipeline, in its order."""
     max_sequence_length: ClassVar[int]

@@ -74,6 +74,7 @@ class StableDiffusionFamily(ModelFamily):
     """A ``UNet2DConditionModel`` family on the DDPM schedule (Ho et al. 2020) with CLIP text encoders."""
 
     denoiser_name = "unet"
+    denoiser_class = UNet2DConditionModel
     default_target_modules = ("to_q", "to_k", "to_v", "to_out.0")
     text_encoders: ClassVar[tuple[TextEncoder, ...]]
     """The pipeline's text encoders, in its order."""
