@@ -71,16 +71,17 @@ def _spy_quantizer(monkeypatch) -> list[tuple]:
     return calls
 
 
-@pytest.mark.parametrize("family", ["sd3", "flux"])
-def test_nf4_run_starts_at_ln2_and_its_adapter_loads_on_the_full_precision_base(family, request, photo_pairs,
-                                                                                 tmp_path, monkeypatch):
+@pytest.mark.parametrize("family, quantization", [("sd3", "nf4"), ("flux", "nf4"), ("flux", "int8")])
+def test_quantized_run_starts_at_ln2_and_its_adapter_loads_on_the_full_precision_base(
+        family, quantization, request, photo_pairs, tmp_path, monkeypatch):
     """Through the CLI: step 0 is ln 2 (LoRA B = 0, so the policy is the adapter-disabled reference, bit for bit);
-    PEFT wrapped the NF4 layers with its bitsandbytes LoRA layers and trained LoRA only; the exported adapter loads
-    with ``pipe.load_lora_weights`` on the unquantized pipeline, bit-equal to the trained weights."""
+    PEFT wrapped the 4/8-bit layers with its bitsandbytes LoRA layers and trained LoRA only; the exported adapter
+    loads with ``pipe.load_lora_weights`` on the unquantized pipeline, bit-equal to the trained weights."""
     model = request.getfixturevalue(f"tiny_{family}")
     calls = _spy_quantizer(monkeypatch)
     out = tmp_path / "run"
-    assert main(["train", str(RECIPES[family]), *_args(model, photo_pairs, out, "model.quantization=nf4")]) == 0
+    assert main(["train", str(RECIPES[family]),
+                 *_args(model, photo_pairs, out, f"model.quantization={quantization}")]) == 0
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [1, 2, 3]
     # -log σ(0) in fp32: ln 2 rounded to float32, within an ulp of 1 (2^-23)
@@ -90,10 +91,12 @@ def test_nf4_run_starts_at_ln2_and_its_adapter_loads_on_the_full_precision_base(
 
     pipe = pipeline_class(family).from_pretrained(model)  # fp32, no quantization
     [(trained, kind, count)] = calls
-    assert kind == "nf4" and count == len(_block_linears(pipe.transformer)) > 0
-    wrapped = [m for m in trained.modules() if isinstance(m, lora_bnb.Linear4bit)]
-    assert wrapped and all(type(m.get_base_layer()) is bnb.nn.Linear4bit for m in wrapped)
-    assert all(m.get_base_layer().weight.dtype == torch.uint8 for m in wrapped)  # still packed after training
+    assert kind == quantization and count == len(_block_linears(pipe.transformer)) > 0
+    lora_layer, base_layer, packed = {"nf4": (lora_bnb.Linear4bit, bnb.nn.Linear4bit, torch.uint8),
+                                      "int8": (lora_bnb.Linear8bitLt, bnb.nn.Linear8bitLt, torch.int8)}[quantization]
+    wrapped = [m for m in trained.modules() if isinstance(m, lora_layer)]
+    assert wrapped and all(type(m.get_base_layer()) is base_layer for m in wrapped)
+    assert all(m.get_base_layer().weight.dtype == packed for m in wrapped)  # still packed after training
     plain = [n for blocks in quantize.BLOCK_LISTS if hasattr(trained, blocks)
              for n, m in getattr(trained, blocks).named_modules() if type(m) is torch.nn.Linear and ".lora_" not in n]
     assert plain == []  # in the blocks, only the LoRA matrices are full-precision linear layers
