@@ -21,7 +21,7 @@ from lora_dpo.cli import main
 from lora_dpo.config import DataConfig
 from lora_dpo.data.images import to_rgb
 from lora_dpo.data.sources import load_preference_dataset
-from lora_dpo.feedback.prefs import build_preference_set, pair_seeds
+from lora_dpo.feedback.prefs import build_candidate_set, build_preference_set, pair_seeds
 from lora_dpo.feedback.prompts import digit_caption
 from lora_dpo.feedback.relabel import relabel_preference_set
 from lora_dpo.feedback.scorers import JpegCompressibilityScorer, load_scorer
@@ -488,7 +488,8 @@ def test_relabel_cli(messy_pairs, tiny_clip, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--scorer", "BAD_CLIP"], "describes a 'bert' model"),
     (["--scorer", "/no/such/scorer"], "unknown scorer '/no/such/scorer'"),
-    (["--scorer", "jpeg", "--pairs-per-prompt", "2"], "--pairs-per-prompt applies to sampling"),
+    (["--scorer", "jpeg", "--pairs-per-prompt", "2"], "--pairs-per-prompt / --candidates apply to sampling"),
+    (["--scorer", "jpeg", "--candidates", "4"], "--pairs-per-prompt / --candidates apply to sampling"),
 ])
 def test_relabel_cli_bad_input(messy_pairs, tmp_path, capsys, args, message):
     bad = tmp_path / "bad_clip"
@@ -506,4 +507,57 @@ def test_prefs_cli_needs_one_source(tiny_sd15, messy_pairs, tmp_path, capsys):
               "--out", str(tmp_path / "o.parquet")])
     assert info.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
     code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--out", str(tmp_path / "o.parquet")])
-    assert code == 2 and "--pairs-per-prompt is required" in capsys.readouterr().err
+    assert code == 2 and "takes one of --pairs-per-prompt P" in capsys.readouterr().err
+    code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--out", str(tmp_path / "o.parquet"),
+                 "--pairs-per-prompt", "2", "--candidates", "4"])
+    assert code == 2 and "takes one of --pairs-per-prompt P" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# candidates and pairing (issue 18)
+
+
+@pytest.mark.parametrize("pairing, k, per_prompt", [("best-worst", 1, 1), ("top-bottom-k", 2, 2), ("adjacent", 1, 3)])
+def test_candidate_set_pairs_the_scored_candidates(pipe, tmp_path, pairing, k, per_prompt):
+    """N = 6 candidates per prompt from seeds S .. S+5, scored; the rows are the rule's pairs, preferred first, and
+    each row's images and scores are those of its seeds (re-sampled and re-scored here)."""
+    out = tmp_path / "cand.parquet"
+    scorer = JpegCompressibilityScorer()
+    report = build_candidate_set(pipe, scorer, PROMPTS, 6, out, pairing=pairing, k=k, seed_offset=50,
+                                 num_inference_steps=STEPS)
+    table = pq.read_table(out).to_pylist()
+    assert report["pairs"] == len(table) == len(PROMPTS) * per_prompt - sum(report["skipped"].values())
+    assert report["seed_range"] == [50, 56] and all(r["label_0"] == 1.0 and r["candidates"] == 6 for r in table)
+    for prompt in PROMPTS:
+        images = generate_images(pipe, [prompt] * 6, list(range(50, 56)), num_inference_steps=STEPS)
+        scores = np.asarray(scorer.score(images, [prompt] * 6))
+        rows = [r for r in table if r["caption"] == prompt]
+        for r in rows:
+            assert r["score_0"] == scores[r["seed_0"] - 50] and r["score_1"] == scores[r["seed_1"] - 50]
+            assert r["score_0"] > r["score_1"]
+            assert np.array_equal(np.asarray(_decode(r["jpg_0"])), np.asarray(images[r["seed_0"] - 50]))
+        if pairing == "best-worst":
+            assert [(r["seed_0"], r["seed_1"]) for r in rows] == [(50 + scores.argmax(), 50 + scores.argmin())]
+    # the set trains as it is: the loader reads every row, preferred first
+    dataset, data_report = load_preference_dataset(DataConfig(dataset=str(out), resolution=32))
+    assert len(dataset) == len(table)
+
+
+def test_candidate_set_counts_degenerate_prompts(tmp_path):
+    """A scorer that gives all of a prompt's candidates one score: that prompt gives no pair, counted."""
+    out = tmp_path / "cand.parquet"
+    report = build_candidate_set(FakePipe(), TieOnPrompt(PROMPTS[1]), PROMPTS, 4, out)
+    assert report["skipped"] == {"degenerate_group": 1} and report["pairs"] == 1
+    assert pq.read_table(out).column("caption").to_pylist() == [PROMPTS[0]]
+
+
+def test_prefs_cli_candidates(tiny_sd15, tmp_path, capsys):
+    out = tmp_path / "cand.parquet"
+    code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--prompts", "digits", "--candidates", "4",
+                 "--pairing", "best-worst", "--out", str(out), "--steps", str(STEPS)])
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0 and report["pairs"] == 10 - sum(report["skipped"].values()) and report["candidates"] == 4
+    code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--candidates", "4", "--pairing",
+                 "top-bottom-k", "--top-k", "3", "--out", str(tmp_path / "bad.parquet")])
+    assert code == 2 and "k <= candidates / 2 = 2" in capsys.readouterr().err
+    assert not (tmp_path / "bad.parquet").exists()

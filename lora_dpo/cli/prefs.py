@@ -1,5 +1,6 @@
 """``lora-dpo prefs``: preference pairs labelled by a scorer (AI feedback) in a Pick-a-Pic parquet, sampled from a
-model (``--model``, :func:`lora_dpo.feedback.prefs.build_preference_set`) or re-labelled from an existing preference
+model (``--model``: two seeds a pair, :func:`lora_dpo.feedback.prefs.build_preference_set`; or N candidates a prompt
+paired by a rule, ``--candidates``, :func:`lora_dpo.feedback.prefs.build_candidate_set`) or re-labelled from an existing preference
 set (``--relabel``, :func:`lora_dpo.feedback.relabel.relabel_preference_set`); prints the report."""
 
 from __future__ import annotations
@@ -7,7 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from lora_dpo.feedback.prefs import build_preference_set
+from lora_dpo.feedback.pairing import PAIRINGS
+from lora_dpo.feedback.prefs import build_candidate_set, build_preference_set
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.feedback.relabel import relabel_preference_set
 from lora_dpo.feedback.scorers import load_scorer
@@ -25,6 +27,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompts", default="digits",
                         help="'digits' (the ten digit captions) or a text file, one per line")
     parser.add_argument("--pairs-per-prompt", type=int, default=None, help="pairs per prompt (two seeds each); --model")
+    parser.add_argument("--candidates", type=int, default=None, metavar="N",
+                        help="--model: N images per prompt (seeds S .. S+N-1), paired by --pairing")
+    parser.add_argument("--pairing", default="best-worst", choices=PAIRINGS,
+                        help="with --candidates: best-worst (one pair per prompt), top-bottom-k (--top-k pairs), all "
+                             "(every pair with a gap >= --min-gap), adjacent (seeds 2k, 2k+1)")
+    parser.add_argument("--top-k", type=int, default=1, help="pairs per prompt for --pairing top-bottom-k")
+    parser.add_argument("--min-gap", type=float, default=0.0, help="smallest score gap of a pair (--candidates)")
     parser.add_argument("--seed-offset", type=int, default=0,
                         help="pair k uses seeds S+2k, S+2k+1; give held-out sets a disjoint range")
     parser.add_argument("--out", required=True, help="output parquet file")
@@ -39,15 +48,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.relabel is None and args.pairs_per_prompt is None:
-        raise ValueError("--pairs-per-prompt is required when sampling with --model")
-    if args.relabel is not None and args.pairs_per_prompt is not None:
-        raise ValueError("--pairs-per-prompt applies to sampling (--model), not to --relabel")
+    if args.relabel is None and (args.pairs_per_prompt is None) == (args.candidates is None):
+        raise ValueError("sampling with --model takes one of --pairs-per-prompt P (two seeds a pair) or --candidates N "
+                         "(N images a prompt, paired by --pairing)")
+    if args.relabel is not None and (args.pairs_per_prompt is not None or args.candidates is not None):
+        raise ValueError("--pairs-per-prompt / --candidates apply to sampling (--model), not to --relabel")
     # The scorer loads first: a bad --scorer fails before any data is read or generated.
     scorer = load_scorer(args.scorer, device=args.device, batch_size=args.batch_size)
     if args.relabel is not None:
         report = relabel_preference_set(args.relabel, scorer, args.out, tie_margin=args.tie_margin,
                                         batch_size=args.batch_size, split=args.split)
+    elif args.candidates is not None:
+        report = build_candidate_set(
+            args.model, scorer, load_prompts(args.prompts), args.candidates, args.out, pairing=args.pairing,
+            k=args.top_k, min_gap=args.min_gap, seed_offset=args.seed_offset, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, batch_size=args.batch_size,
+        )
     else:
         report = build_preference_set(
             args.model, scorer, load_prompts(args.prompts), args.pairs_per_prompt, args.out,

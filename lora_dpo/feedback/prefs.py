@@ -9,6 +9,10 @@ Seeds: pair k (k = 0 .. pairs_per_prompt-1) of EVERY prompt uses ``seed_0 = seed
 For a training set and a held-out set with disjoint noise, give the held-out set
 ``seed_offset >= train_offset + 2·train_pairs_per_prompt`` (e.g. train at 0, held-out at 1_000_000).
 
+With ``candidates`` (:func:`build_candidate_set`, ``lora-dpo prefs --candidates N``) each prompt gets N images from
+the seeds ``[seed_offset, seed_offset + N)`` and a pairing rule (:mod:`lora_dpo.feedback.pairing`: best against
+worst, ...) picks the pairs among them.
+
 Relabelling a real preference set with a scorer (``lora-dpo prefs --relabel``) is in :mod:`lora_dpo.feedback.relabel`.
 """
 
@@ -27,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from lora_dpo.feedback.pairing import pair_candidates
 from lora_dpo.feedback.scorers import Scorer
 from lora_dpo.inference.sampling import generate_images, load_pipeline
 
@@ -99,9 +104,7 @@ def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs
         raise ValueError(f"pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
     if seed_offset < 0:
         raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
-    # Fail fast (before any generation) on prompts the scorer cannot score, e.g. no digit for the classifier.
-    unique = list(dict.fromkeys(prompts))
-    scorer.score([Image.new("RGB", (32, 32))] * len(unique), unique)
+    _check_scorer(scorer, prompts)
     pipe = load_pipeline(pipeline_dir) if isinstance(pipeline_dir, (str, os.PathLike)) else pipeline_dir
     captions = [p for p in prompts for _ in range(pairs_per_prompt)]
     seeds = np.array([pair_seeds(k, seed_offset) for _ in prompts for k in range(pairs_per_prompt)], dtype=np.int64)
@@ -126,6 +129,79 @@ def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs
         **_label_stats(captions, labels, scores),
         "scorer": getattr(scorer, "name", type(scorer).__name__), "seed_offset": seed_offset,
         "seed_range": [seed_offset, seed_offset + 2 * pairs_per_prompt], "out": str(out_path),
+    }
+
+
+def _check_scorer(scorer: Scorer, prompts: list[str]) -> None:
+    """Fail fast, before any sampling, on prompts ``scorer`` cannot score (e.g. no digit for the classifier)."""
+    unique = list(dict.fromkeys(prompts))
+    scorer.score([Image.new("RGB", (32, 32))] * len(unique), unique)
+
+
+def build_candidate_set(pipeline_dir, scorer: Scorer, prompts: list[str], candidates: int, out_path: str | Path, *,
+                        pairing: str = "best-worst", k: int = 1, min_gap: float = 0.0, seed_offset: int = 0,
+                        num_inference_steps: int = 20, guidance_scale: float = 3.0,
+                        batch_size: int = 64) -> dict[str, Any]:
+    """Sample ``candidates`` images per prompt, score them, pair them by ``pairing``, write a Pick-a-Pic parquet.
+
+    Candidate i of every prompt uses the seed ``seed_offset + i``; the scored candidates of a prompt form one group of
+    :func:`lora_dpo.feedback.pairing.pair_candidates` (``best-worst``: the highest against the lowest score, as online
+    DPO pairs them; ``top-bottom-k``, ``all`` with ``min_gap``, ``adjacent``). Each row is one pair, preferred first:
+    ``caption``, ``jpg_0`` (preferred) and ``jpg_1`` (rejected) as PNG bytes, ``label_0`` = 1.0, ``score_0``,
+    ``score_1``, ``seed_0``, ``seed_1``, and ``candidates`` (N). Pairs with equal scores and prompts whose N scores are
+    all equal give no row; they are counted in the report's ``skipped``.
+
+    Args:
+        pipeline_dir: a diffusers pipeline folder (or hub id), or an already loaded pipeline.
+        scorer: any :class:`lora_dpo.feedback.scorers.Scorer` (higher = better).
+        prompts: captions, one group of candidates each.
+        candidates: N >= 2 images per prompt.
+        out_path: the parquet file, written atomically.
+        num_inference_steps, guidance_scale, batch_size: see :func:`lora_dpo.inference.sampling.generate_images`.
+    Returns:
+        report: ``pairs``, ``prompts``, ``candidates``, ``pairing``, ``skipped`` ({reason: count}), ``mean_score``
+        (all candidates), ``mean_gap`` (preferred − rejected), ``mean_best_minus_mean`` (per prompt: the best
+        candidate's score minus the prompt's mean, averaged), ``scorer``, ``seed_offset``, ``seed_range``, ``out``.
+    Raises:
+        ValueError: no prompts; ``candidates`` < 2; ``seed_offset`` < 0; a bad pairing or k (checked before sampling).
+    """
+    if not prompts:
+        raise ValueError("no prompts given")
+    if candidates < 2:
+        raise ValueError(f"candidates must be >= 2, got {candidates}")
+    if seed_offset < 0:
+        raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
+    pair_candidates(np.arange(candidates, dtype=np.float64)[None], pairing, k=k, min_gap=0.0)  # bad rules fail now
+    _check_scorer(scorer, prompts)
+    pipe = load_pipeline(pipeline_dir) if isinstance(pipeline_dir, (str, os.PathLike)) else pipeline_dir
+    seeds = [seed_offset + i for i in range(candidates)]
+    all_prompts = [p for p in prompts for _ in range(candidates)]
+    images = generate_images(pipe, all_prompts, seeds * len(prompts), num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, batch_size=batch_size)
+    scores = np.asarray(scorer.score(images, all_prompts), dtype=np.float64).reshape(len(prompts), candidates)
+    pairs = pair_candidates(scores, pairing, k=k, min_gap=min_gap)
+    win = pairs.group * candidates + pairs.preferred  # index into images / all_prompts
+    lose = pairs.group * candidates + pairs.rejected
+    table = pa.table({
+        "caption": pa.array([prompts[g] for g in pairs.group], pa.string()),
+        "jpg_0": pa.array([png_bytes(images[i]) for i in win], pa.binary()),
+        "jpg_1": pa.array([png_bytes(images[i]) for i in lose], pa.binary()),
+        "label_0": pa.array(np.ones(len(win)), pa.float64()),
+        "score_0": pa.array(scores.ravel()[win]), "score_1": pa.array(scores.ravel()[lose]),
+        "seed_0": pa.array(np.asarray(seeds, dtype=np.int64)[pairs.preferred]),
+        "seed_1": pa.array(np.asarray(seeds, dtype=np.int64)[pairs.rejected]),
+        "candidates": pa.array(np.full(len(win), candidates, dtype=np.int64)),
+    })
+    out_path = Path(out_path)
+    with atomic_path(out_path) as tmp:
+        pq.write_table(table, tmp)
+    return {
+        "pairs": len(win), "prompts": len(prompts), "candidates": candidates, "pairing": pairing,
+        "skipped": dict(pairs.skipped), "mean_score": float(scores.mean()),
+        "mean_gap": float(pairs.gap.mean()) if len(win) else None,
+        "mean_best_minus_mean": float((scores.max(1) - scores.mean(1)).mean()),
+        "scorer": getattr(scorer, "name", type(scorer).__name__), "seed_offset": seed_offset,
+        "seed_range": [seed_offset, seed_offset + candidates], "out": str(out_path),
     }
 
 
