@@ -22,7 +22,7 @@ from lora_dpo.config import DataConfig
 from lora_dpo.data.images import to_rgb
 from lora_dpo.data.sources import load_preference_dataset
 from lora_dpo.feedback.prefs import build_candidate_set, build_preference_set, pair_seeds
-from lora_dpo.feedback.prompts import digit_caption
+from lora_dpo.feedback.prompts import digit_caption, load_prompts
 from lora_dpo.feedback.relabel import relabel_preference_set
 from lora_dpo.feedback.scorers import JpegCompressibilityScorer, load_scorer
 from lora_dpo.inference.sampling import generate_images
@@ -561,3 +561,30 @@ def test_prefs_cli_candidates(tiny_sd15, tmp_path, capsys):
                  "top-bottom-k", "--top-k", "3", "--out", str(tmp_path / "bad.parquet")])
     assert code == 2 and "k <= candidates / 2 = 2" in capsys.readouterr().err
     assert not (tmp_path / "bad.parquet").exists()
+
+
+@pytest.mark.parametrize("name, write, column", [
+    ("parti.tsv", lambda p: p.write_text("Prompt\tCategory\nA red fox\tAnimals\n\nA tall tower\tArch\n"), None),
+    ("prompts.csv", lambda p: p.write_text('id,text\n1,"a cat, sitting"\n2,a dog\n'), None),
+    ("prompts.jsonl", lambda p: p.write_text('{"caption": "a cat"}\n{"caption": "a dog"}\n'), None),
+    ("prompts.parquet", lambda p: pq.write_table(pa.table({"q": ["a cat", "a dog"]}), p), "q"),
+])
+def test_prompts_from_a_table_column(tmp_path, name, write, column):
+    path = tmp_path / name
+    write(path)
+    prompts = load_prompts(str(path), column)
+    assert len(prompts) == 2 and all(p and p == p.strip() for p in prompts)
+    if name == "prompts.csv":
+        assert prompts == ["a cat, sitting", "a dog"]  # quoted commas stay in the prompt
+
+
+def test_prompt_table_without_the_column_is_refused(tiny_sd15, tmp_path, capsys):
+    path = tmp_path / "p.csv"
+    path.write_text("id,words\n1,a cat\n")
+    code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--prompts", str(path), "--candidates", "2",
+                 "--out", str(tmp_path / "o.parquet")])
+    err = capsys.readouterr().err
+    assert code == 2 and "has no a column named prompt / Prompt / caption / text" in err and "id, words" in err
+    code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--prompts", str(path), "--prompt-column",
+                 "words", "--candidates", "2", "--out", str(tmp_path / "o.parquet"), "--steps", "1"])
+    assert code == 0 and json.loads(capsys.readouterr().out)["prompts"] == 1

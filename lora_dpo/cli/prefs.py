@@ -25,7 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'jpeg', or a folder with classifier.json (digits), aesthetic.json (LAION aesthetic "
                              "predictor) or a CLIP config.json (CLIP score / PickScore)")
     parser.add_argument("--prompts", default="digits",
-                        help="'digits' (the ten digit captions) or a text file, one per line")
+                        help="'digits' (the ten digit captions), a text file (one per line), or a .csv / .tsv / "
+                             ".jsonl / .parquet table")
+    parser.add_argument("--prompt-column", default=None,
+                        help="the table's prompt column (default: prompt / Prompt / caption / text)")
     parser.add_argument("--pairs-per-prompt", type=int, default=None, help="pairs per prompt (two seeds each); --model")
     parser.add_argument("--candidates", type=int, default=None, metavar="N",
                         help="--model: N images per prompt (seeds S .. S+N-1), paired by --pairing")
@@ -53,20 +56,21 @@ def run(args: argparse.Namespace) -> int:
                          "(N images a prompt, paired by --pairing)")
     if args.relabel is not None and (args.pairs_per_prompt is not None or args.candidates is not None):
         raise ValueError("--pairs-per-prompt / --candidates apply to sampling (--model), not to --relabel")
-    # The scorer loads first: a bad --scorer fails before any data is read or generated.
+    prompts = load_prompts(args.prompts, args.prompt_column) if args.relabel is None else None
+    # The scorer loads before any data is read or generated: a bad --scorer fails at once.
     scorer = load_scorer(args.scorer, device=args.device, batch_size=args.batch_size)
     if args.relabel is not None:
         report = relabel_preference_set(args.relabel, scorer, args.out, tie_margin=args.tie_margin,
                                         batch_size=args.batch_size, split=args.split)
     elif args.candidates is not None:
         report = build_candidate_set(
-            args.model, scorer, load_prompts(args.prompts), args.candidates, args.out, pairing=args.pairing,
+            args.model, scorer, prompts, args.candidates, args.out, pairing=args.pairing,
             k=args.top_k, min_gap=args.min_gap, seed_offset=args.seed_offset, num_inference_steps=args.steps,
             guidance_scale=args.guidance, batch_size=args.batch_size,
         )
     else:
         report = build_preference_set(
-            args.model, scorer, load_prompts(args.prompts), args.pairs_per_prompt, args.out,
+            args.model, scorer, prompts, args.pairs_per_prompt, args.out,
             seed_offset=args.seed_offset, num_inference_steps=args.steps, guidance_scale=args.guidance,
             batch_size=args.batch_size,
         )
