@@ -588,3 +588,25 @@ def test_prompt_table_without_the_column_is_refused(tiny_sd15, tmp_path, capsys)
     code = main(["prefs", "--model", str(tiny_sd15), "--scorer", "jpeg", "--prompts", str(path), "--prompt-column",
                  "words", "--candidates", "2", "--out", str(tmp_path / "o.parquet"), "--steps", "1"])
     assert code == 0 and json.loads(capsys.readouterr().out)["prompts"] == 1
+
+
+def test_prefs_cli_votes_and_samples_from_an_adapter(tiny_sd15, lora_sd15, tmp_path, capsys):
+    """Two copies of one scorer vote as that scorer does (mean rank keeps its order); --adapter samples from the
+    model plus the LoRA: other images from the same seeds."""
+    common = ["prefs", "--model", str(tiny_sd15), "--prompts", "digits", "--candidates", "4", "--steps", str(STEPS)]
+    assert main([*common, "--scorer", "jpeg", "--out", str(tmp_path / "one.parquet")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    assert main([*common, "--scorer", "jpeg", "--scorer", "jpeg", "--out", str(tmp_path / "two.parquet")]) == 0
+    two = json.loads(capsys.readouterr().out)
+    assert two["vote"] == "mean-rank" and two["scorer"] == "jpeg_compressibility+jpeg_compressibility"
+    seeds = [pq.read_table(tmp_path / f).select(["seed_0", "seed_1"]).to_pylist() for f in ("one.parquet", "two.parquet")]
+    assert seeds[0] == seeds[1] and one["pairs"] == two["pairs"]
+    assert main([*common, "--scorer", "jpeg", "--adapter", str(lora_sd15), "--out", str(tmp_path / "lora.parquet")]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert tuned["adapter"] == str(lora_sd15) and tuned["mean_score"] != one["mean_score"]
+    base_rows, lora_rows = (pq.read_table(tmp_path / f).to_pylist() for f in ("one.parquet", "lora.parquet"))
+    same_seed = [(b, t) for b in base_rows for t in lora_rows if (b["caption"], b["seed_0"]) == (t["caption"], t["seed_0"])]
+    assert same_seed and all(b["jpg_0"] != t["jpg_0"] for b, t in same_seed)
+    assert main([*common[:5], "--scorer", "jpeg", "--scorer", "jpeg", "--pairs-per-prompt", "1",
+                 "--out", str(tmp_path / "x.parquet")]) == 2
+    assert "sample with --model and --candidates N" in capsys.readouterr().err

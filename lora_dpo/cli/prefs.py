@@ -13,6 +13,8 @@ from lora_dpo.feedback.prefs import build_candidate_set, build_preference_set
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.feedback.relabel import relabel_preference_set
 from lora_dpo.feedback.scorers import load_scorer
+from lora_dpo.inference.sampling import load_pipeline
+from lora_dpo.models.lora_files import load_adapter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,9 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--relabel", metavar="DATASET",
                         help="re-label this preference set (Pick-a-Pic parquet/folder/hub id) with the scorer; "
                              "writes label_0 from the scorer, score_0/score_1, label_0_original, and a report")
-    parser.add_argument("--scorer", required=True,
+    parser.add_argument("--scorer", required=True, action="append",
                         help="'jpeg', or a folder with classifier.json (digits), aesthetic.json (LAION aesthetic "
-                             "predictor) or a CLIP config.json (CLIP score / PickScore)")
+                             "predictor) or a CLIP config.json (CLIP score / PickScore); repeat it to combine "
+                             "scorers by --vote (with --candidates)")
+    parser.add_argument("--vote", default="mean-rank", choices=["mean-rank", "majority"],
+                        help="how several --scorer verdicts combine: mean rank per prompt, or pairwise majority")
+    parser.add_argument("--adapter", default=None,
+                        help="--model: sample from the model plus this LoRA (a run folder or .safetensors file), "
+                             "e.g. the policy of the previous round")
     parser.add_argument("--prompts", default="digits",
                         help="'digits' (the ten digit captions), a text file (one per line), or a .csv / .tsv / "
                              ".jsonl / .parquet table")
@@ -56,23 +64,35 @@ def run(args: argparse.Namespace) -> int:
                          "(N images a prompt, paired by --pairing)")
     if args.relabel is not None and (args.pairs_per_prompt is not None or args.candidates is not None):
         raise ValueError("--pairs-per-prompt / --candidates apply to sampling (--model), not to --relabel")
+    if len(args.scorer) > 1 and args.candidates is None:
+        raise ValueError("several --scorer combine by --vote over each prompt's candidates: sample with --model and "
+                         "--candidates N")
+    if args.adapter is not None and args.relabel is not None:
+        raise ValueError("--adapter applies to sampling (--model), not to --relabel")
     prompts = load_prompts(args.prompts, args.prompt_column) if args.relabel is None else None
-    # The scorer loads before any data is read or generated: a bad --scorer fails at once.
-    scorer = load_scorer(args.scorer, device=args.device, batch_size=args.batch_size)
+    # The scorers load before any data is read or generated: a bad --scorer fails at once.
+    scorers = [load_scorer(spec, device=args.device, batch_size=args.batch_size) for spec in args.scorer]
+    scorer = scorers[0]
+    model = args.model
+    if args.adapter is not None:  # the pipeline with the adapter active (checked against the model before sampling)
+        model = load_pipeline(args.model)
+        load_adapter(model, args.adapter, "policy")
     if args.relabel is not None:
         report = relabel_preference_set(args.relabel, scorer, args.out, tie_margin=args.tie_margin,
                                         batch_size=args.batch_size, split=args.split)
     elif args.candidates is not None:
         report = build_candidate_set(
-            args.model, scorer, prompts, args.candidates, args.out, pairing=args.pairing,
-            k=args.top_k, min_gap=args.min_gap, seed_offset=args.seed_offset, num_inference_steps=args.steps,
+            model, scorers, prompts, args.candidates, args.out, pairing=args.pairing, k=args.top_k,
+            min_gap=args.min_gap, vote=args.vote, seed_offset=args.seed_offset, num_inference_steps=args.steps,
             guidance_scale=args.guidance, batch_size=args.batch_size,
         )
     else:
         report = build_preference_set(
-            args.model, scorer, prompts, args.pairs_per_prompt, args.out,
+            model, scorer, prompts, args.pairs_per_prompt, args.out,
             seed_offset=args.seed_offset, num_inference_steps=args.steps, guidance_scale=args.guidance,
             batch_size=args.batch_size,
         )
+    if args.adapter is not None:
+        report["adapter"] = str(args.adapter)
     print(json.dumps(report, indent=2))
     return 0

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lora_dpo.feedback.pairing import pair_candidates
+from lora_dpo.feedback.pairing import majority, mean_rank, pair_candidates
 from lora_dpo.feedback.scorers import Scorer
 from lora_dpo.inference.sampling import generate_images, load_pipeline
 
@@ -138,10 +138,13 @@ def _check_scorer(scorer: Scorer, prompts: list[str]) -> None:
     scorer.score([Image.new("RGB", (32, 32))] * len(unique), unique)
 
 
-def build_candidate_set(pipeline_dir, scorer: Scorer, prompts: list[str], candidates: int, out_path: str | Path, *,
-                        pairing: str = "best-worst", k: int = 1, min_gap: float = 0.0, seed_offset: int = 0,
-                        num_inference_steps: int = 20, guidance_scale: float = 3.0,
-                        batch_size: int = 64) -> dict[str, Any]:
+VOTES = {"mean-rank": mean_rank, "majority": majority}
+
+
+def build_candidate_set(pipeline_dir, scorer: Scorer | list[Scorer], prompts: list[str], candidates: int,
+                        out_path: str | Path, *, pairing: str = "best-worst", k: int = 1, min_gap: float = 0.0,
+                        vote: str = "mean-rank", seed_offset: int = 0, num_inference_steps: int = 20,
+                        guidance_scale: float = 3.0, batch_size: int = 64) -> dict[str, Any]:
     """Sample ``candidates`` images per prompt, score them, pair them by ``pairing``, write a Pick-a-Pic parquet.
 
     Candidate i of every prompt uses the seed ``seed_offset + i``; the scored candidates of a prompt form one group of
@@ -153,7 +156,10 @@ def build_candidate_set(pipeline_dir, scorer: Scorer, prompts: list[str], candid
 
     Args:
         pipeline_dir: a diffusers pipeline folder (or hub id), or an already loaded pipeline.
-        scorer: any :class:`lora_dpo.feedback.scorers.Scorer` (higher = better).
+        scorer: any :class:`lora_dpo.feedback.scorers.Scorer` (higher = better), or several: their verdicts are
+            combined per prompt by ``vote`` (:data:`VOTES`: ``mean-rank``, the mean of each candidate's rank under
+            each scorer; ``majority``, its pairwise wins by most scorers), and the rows' ``score_0`` / ``score_1``
+            hold the combined values.
         prompts: captions, one group of candidates each.
         candidates: N >= 2 images per prompt.
         out_path: the parquet file, written atomically.
@@ -161,10 +167,15 @@ def build_candidate_set(pipeline_dir, scorer: Scorer, prompts: list[str], candid
     Returns:
         report: ``pairs``, ``prompts``, ``candidates``, ``pairing``, ``skipped`` ({reason: count}), ``mean_score``
         (all candidates), ``mean_gap`` (preferred − rejected), ``mean_best_minus_mean`` (per prompt: the best
-        candidate's score minus the prompt's mean, averaged), ``scorer``, ``seed_offset``, ``seed_range``, ``out``.
+        candidate's score minus the prompt's mean, averaged), ``scorer`` (names joined by ``+``; with several also
+        ``vote`` and ``mean_score_by_scorer``), ``seed_offset``, ``seed_range``, ``out``.
     Raises:
-        ValueError: no prompts; ``candidates`` < 2; ``seed_offset`` < 0; a bad pairing or k (checked before sampling).
+        ValueError: no prompts; ``candidates`` < 2; ``seed_offset`` < 0; a bad pairing, k or vote (checked before
+            sampling).
     """
+    scorers = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer]
+    if vote not in VOTES:
+        raise ValueError(f"vote must be one of {', '.join(VOTES)}, not {vote!r}")
     if not prompts:
         raise ValueError("no prompts given")
     if candidates < 2:
@@ -172,13 +183,16 @@ def build_candidate_set(pipeline_dir, scorer: Scorer, prompts: list[str], candid
     if seed_offset < 0:
         raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
     pair_candidates(np.arange(candidates, dtype=np.float64)[None], pairing, k=k, min_gap=0.0)  # bad rules fail now
-    _check_scorer(scorer, prompts)
+    for each in scorers:
+        _check_scorer(each, prompts)
     pipe = load_pipeline(pipeline_dir) if isinstance(pipeline_dir, (str, os.PathLike)) else pipeline_dir
     seeds = [seed_offset + i for i in range(candidates)]
     all_prompts = [p for p in prompts for _ in range(candidates)]
     images = generate_images(pipe, all_prompts, seeds * len(prompts), num_inference_steps=num_inference_steps,
                              guidance_scale=guidance_scale, batch_size=batch_size)
-    scores = np.asarray(scorer.score(images, all_prompts), dtype=np.float64).reshape(len(prompts), candidates)
+    each = np.stack([np.asarray(s.score(images, all_prompts), dtype=np.float64).reshape(len(prompts), candidates)
+                     for s in scorers])  # (S, G, N)
+    scores = each[0] if len(scorers) == 1 else VOTES[vote](each)
     pairs = pair_candidates(scores, pairing, k=k, min_gap=min_gap)
     win = pairs.group * candidates + pairs.preferred  # index into images / all_prompts
     lose = pairs.group * candidates + pairs.rejected
@@ -200,8 +214,10 @@ def build_candidate_set(pipeline_dir, scorer: Scorer, prompts: list[str], candid
         "skipped": dict(pairs.skipped), "mean_score": float(scores.mean()),
         "mean_gap": float(pairs.gap.mean()) if len(win) else None,
         "mean_best_minus_mean": float((scores.max(1) - scores.mean(1)).mean()),
-        "scorer": getattr(scorer, "name", type(scorer).__name__), "seed_offset": seed_offset,
-        "seed_range": [seed_offset, seed_offset + candidates], "out": str(out_path),
+        "scorer": "+".join(getattr(s, "name", type(s).__name__) for s in scorers),
+        **({"vote": vote, "mean_score_by_scorer": {getattr(s, "name", type(s).__name__): float(e.mean())
+                                                   for s, e in zip(scorers, each)}} if len(scorers) > 1 else {}),
+        "seed_offset": seed_offset, "seed_range": [seed_offset, seed_offset + candidates], "out": str(out_path),
     }
 
 
