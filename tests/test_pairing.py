@@ -1,5 +1,5 @@
-"""Pairing scored candidates (issue 18): which pairs each rule makes, their orientation, what is skipped, and the
-two ways of combining several scorers."""
+"""Pairing scored candidates (issue 18): which pairs each rule makes, their orientation, what is skipped, the two
+ways of combining several scorers; and the implicit-reward accuracy's standard error over draws."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
+from lora_dpo.evaluation.implicit_reward import draw_standard_error
 from lora_dpo.feedback.pairing import PAIRINGS, majority, mean_rank, pair_candidates
 from lora_dpo.feedback.prefs import labels_from_scores
 
@@ -109,3 +110,15 @@ def test_majority_counts_pairwise_wins_by_most_scorers():
 def test_bad_arguments_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         pair_candidates(**kwargs)
+
+
+def test_the_implicit_reward_accuracy_s_draw_error():
+    """The bootstrap standard error over draws: 0 when every draw of every pair agrees in sign; for pairs whose
+    margins straddle 0 it falls as draws are added."""
+    rng = np.random.default_rng(0)
+    assert draw_standard_error(np.abs(rng.normal(size=(100, 4))) + 0.1) == 0.0
+    mu = rng.normal(scale=0.3, size=(400, 1))  # per-pair true margins near 0, draw noise of 1
+    few, many = draw_standard_error(mu + rng.normal(size=(400, 4))), draw_standard_error(mu + rng.normal(size=(400, 64)))
+    assert 0 < many < few < 0.5
+    with pytest.raises(ValueError, match="pairs, draws"):
+        draw_standard_error(np.zeros(5))
