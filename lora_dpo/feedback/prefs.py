@@ -98,12 +98,7 @@ def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs
         ValueError: no prompts, ``pairs_per_prompt`` < 1 or ``seed_offset`` < 0.
         lora_dpo.models.loading.ModelLoadError: ``pipeline_dir`` is not a pipeline folder / supported pipeline.
     """
-    if not prompts:
-        raise ValueError("no prompts given")
-    if pairs_per_prompt < 1:
-        raise ValueError(f"pairs_per_prompt must be >= 1, got {pairs_per_prompt}")
-    if seed_offset < 0:
-        raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
+    _check_sampling(prompts, "pairs_per_prompt", pairs_per_prompt, 1, seed_offset)
     _check_scorer(scorer, prompts)
     pipe = load_pipeline(pipeline_dir) if isinstance(pipeline_dir, (str, os.PathLike)) else pipeline_dir
     captions = [p for p in prompts for _ in range(pairs_per_prompt)]
@@ -130,6 +125,17 @@ def build_preference_set(pipeline_dir, scorer: Scorer, prompts: list[str], pairs
         "scorer": getattr(scorer, "name", type(scorer).__name__), "seed_offset": seed_offset,
         "seed_range": [seed_offset, seed_offset + 2 * pairs_per_prompt], "out": str(out_path),
     }
+
+
+def _check_sampling(prompts: list[str], name: str, count: int, least: int, seed_offset: int) -> None:
+    """Raise ValueError, before anything loads, for no prompts, ``count`` (the argument ``name``) below ``least``, or
+    a negative ``seed_offset``."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    if count < least:
+        raise ValueError(f"{name} must be >= {least}, got {count}")
+    if seed_offset < 0:
+        raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
 
 
 def _check_scorer(scorer: Scorer, prompts: list[str]) -> None:
@@ -176,12 +182,7 @@ def build_candidate_set(pipeline_dir, scorer: Scorer | list[Scorer], prompts: li
     scorers = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer]
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}, not {vote!r}")
-    if not prompts:
-        raise ValueError("no prompts given")
-    if candidates < 2:
-        raise ValueError(f"candidates must be >= 2, got {candidates}")
-    if seed_offset < 0:
-        raise ValueError(f"seed_offset must be >= 0, got {seed_offset}")
+    _check_sampling(prompts, "candidates", candidates, 2, seed_offset)
     pair_candidates(np.arange(candidates, dtype=np.float64)[None], pairing, k=k, min_gap=0.0)  # bad rules fail now
     for each in scorers:
         _check_scorer(each, prompts)
