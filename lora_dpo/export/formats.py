@@ -32,7 +32,6 @@ from lora_dpo.models.lora_files import (
     PEFT_WEIGHT_NAME,
     WEIGHT_NAME,
     check_adapter_family,
-    denoiser_class,
     family_mismatch,
     lora_metadata,
     read_lora_file,
@@ -157,7 +156,7 @@ def _out_features(denoiser_config, family: str, modules: set[str]) -> dict[str, 
         raise ValueError(f"this {spec.label} adapter leaves out part of a fused kohya layer (e.g. {min(modules)}): "
                          "pass the base model (--base, or unet_config=) so its width is known")
     with torch.device("meta"):
-        denoiser = denoiser_class(spec).from_config(config)
+        denoiser = spec.denoiser_class.from_config(config)
     found = dict(denoiser.named_modules())
     return {m: found[m].out_features for m in modules}
 
@@ -166,13 +165,9 @@ def _kohya_state(pairs: dict, config: dict, family: str, unet_config) -> tuple[d
     """``{<stem>.lora_down.weight, .lora_up.weight, .alpha}`` and the stems' alphas; fused stems through
     :func:`fuse_lora_parts`."""
     spec = get_family(family)
-    fused = getattr(spec, "kohya_fused", None)  # FLUX: (stem, part, parts); the others name one module per stem
     groups: dict[str, tuple[tuple[str, ...], dict[int, str]]] = {}
-    for module in pairs:
-        if fused is not None:
-            stem, part, parts = fused(module)
-        else:
-            stem, part, parts = kohya_module_name(module, family, unet_config), 0, (module,)
+    for module in pairs:  # FLUX fuses several modules into one stem; the others name one module per stem
+        stem, part, parts = spec.kohya_fused(module, unet_config)
         groups.setdefault(stem, (parts, {}))[1][part] = module
     untargeted = {p for parts, have in groups.values() if len(parts) > 1 for i, p in enumerate(parts) if i not in have}
     widths = _out_features(unet_config, family, untargeted)

@@ -20,7 +20,6 @@ from lora_dpo.models.families import get_family, pipeline_class
 from lora_dpo.models.loading import DTYPES, detect_family, read_model_index, safetensors_only
 from lora_dpo.models.lora_files import (
     check_adapter_fits_model,
-    denoiser_class,
     load_adapter,
     match_output_mode,
 )
@@ -75,7 +74,7 @@ def merge_adapter(model: str, adapter: str | Path, out: str | Path, *, scale: fl
     pipe.unload_lora_weights()  # keeps the fused weights, drops the LoRA layers
     pipe.to(DTYPES[dtype])
     out.mkdir(parents=True, exist_ok=True)
-    cls = denoiser_class(spec).__name__ if unet_only else type(pipe).__name__
+    cls = spec.denoiser_class.__name__ if unet_only else type(pipe).__name__
     if unet_only:
         getattr(pipe, spec.denoiser_name).save_pretrained(out, safe_serialization=True)
         load = f"{cls}.from_pretrained(\"{out}\")"

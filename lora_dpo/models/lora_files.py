@@ -294,19 +294,12 @@ def check_adapter_family(file, tensors: dict, header: dict, family: str) -> Mode
 
 # -- does an adapter fit a denoiser --------------------------------------------------------------------------------
 
-def denoiser_class(family: str | ModelFamily) -> type:
-    """The diffusers class of a family's denoiser (:attr:`~lora_dpo.models.families.base.ModelFamily.denoiser_class`:
-    ``UNet2DConditionModel``, ``SD3Transformer2DModel``, ``FluxTransformer2DModel``). Raises ValueError: unknown name."""
-    spec = get_family(family) if isinstance(family, str) else family
-    return spec.denoiser_class
-
-
 def denoiser_config(model: str | Path, family: str | ModelFamily, revision: str | None = None) -> dict:
     """The denoiser's config of a pipeline folder or hub id (``<denoiser_name>/config.json``: ``unet`` or
     ``transformer``), as a dict. Raises: what ``ConfigMixin.load_config`` raises (OSError / EnvironmentError: no
     such file)."""
     spec = get_family(family) if isinstance(family, str) else family
-    return dict(denoiser_class(spec).load_config(str(model), subfolder=spec.denoiser_name, revision=revision))
+    return dict(spec.denoiser_class.load_config(str(model), subfolder=spec.denoiser_name, revision=revision))
 
 
 def denoiser_of(pipe) -> torch.nn.Module:
@@ -471,7 +464,7 @@ def meta_denoiser(model: str | Path, revision: str | None = None) -> tuple[torch
     spec = family_for_index(read_model_index(str(model), revision))
     config = denoiser_config(model, spec, revision)
     with torch.device("meta"):
-        denoiser = denoiser_class(spec).from_config(config)
+        denoiser = spec.denoiser_class.from_config(config)
     return denoiser, spec
 
 

@@ -278,6 +278,16 @@ class ModelFamily(ABC):
         where the reader needs it (SDXL kohya names). Returns what the reader returns: ``(state, network_alphas)``,
         plus the metadata with ``return_lora_metadata=True``."""
 
+    def kohya_fused(self, module: str, denoiser_config=None) -> tuple[str, int, tuple[str, ...]]:
+        """``(stem, part, parts)``: the kohya stem of a denoiser module, its position among the modules that kohya's
+        model fuses into that stem, and those modules' diffusers paths in order. Default: one module per stem
+        (:meth:`kohya_module_name`, part 0 of ``(module,)``); FLUX fuses q, k, v (and its single blocks' MLP input).
+
+        Raises:
+            ValueError: as :meth:`kohya_module_name`.
+        """
+        return self.kohya_module_name(module, denoiser_config), 0, (module,)
+
     @abstractmethod
     def kohya_module_name(self, module: str, denoiser_config: dict) -> str:
         """The kohya key stem (``lora_unet_...``) of a denoiser module given by its diffusers path.
@@ -311,7 +321,37 @@ class ModelFamily(ABC):
         return self.pipeline_class(**self.build_tiny_components(seed), **self.pipeline_kwargs())
 
     @abstractmethod
+    def build_real_components(self) -> dict[str, Any]:
+        """Random-weight components of the real-size architecture, keyed as :attr:`pipeline_class` takes them
+        (``scheduler`` included); tokenizers are the kit's small offline ones padded to the real lengths."""
+
+    @abstractmethod
+    def text_component_names(self) -> list[tuple[str, str]]:
+        """``(tokenizer, text encoder)`` component names of the pipeline, in its order."""
+
+    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
+        """The VAE's dtype when ``model.vae_dtype`` is ``auto``: the frozen weights' dtype (SDXL: fp32 under fp16)."""
+        return weight_dtype
+
     def build_random_components(self, tiny: bool, weight_dtype: torch.dtype, device: torch.device | str,
                                 unet_dtype: torch.dtype | None, seed: int) -> Components:
-        """Frozen random-weight :class:`Components` of the tiny test pipeline or of the real-size architecture
-        (cost benchmarks: time and memory depend on the architecture, not on the weights' values)."""
+        """Frozen random-weight :class:`Components` of the tiny test pipeline (:meth:`build_tiny_components`) or of
+        the real-size architecture (:meth:`build_real_components`; cost benchmarks: time and memory depend on the
+        architecture, not on the weights' values), built on ``device`` after ``manual_seed(seed)``: the denoiser in
+        ``unet_dtype or weight_dtype``, the VAE in :meth:`vae_dtype`, the text encoders in ``weight_dtype``. The
+        prediction type is the scheduler's (``flow`` for a flow-matching scheduler, which names none)."""
+        torch.manual_seed(seed)
+        with torch.device(device):
+            parts = self.build_tiny_components(seed) if tiny else self.build_real_components()
+        denoiser, vae = parts[self.denoiser_name], parts["vae"]
+        names = self.text_component_names()
+        tokenizers, encoders = [parts[t] for t, _ in names], [parts[e] for _, e in names]
+        denoiser.to(device, unet_dtype or weight_dtype)
+        vae.to(device, self.vae_dtype(weight_dtype))
+        for module in (denoiser, vae, *encoders):
+            module.requires_grad_(False).eval()
+        for encoder in encoders:
+            encoder.to(device, weight_dtype)
+        scheduler = parts["scheduler"]
+        return Components(self.name, denoiser, vae, encoders, tokenizers, scheduler,
+                          scheduler.config.get("prediction_type", "flow"))

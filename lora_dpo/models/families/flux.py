@@ -139,9 +139,10 @@ class Flux(RectifiedFlowFamily):
         one fused stem (:meth:`kohya_fused`). Raises ValueError for a module outside the blocks."""
         return self.kohya_fused(module)[0]
 
-    def kohya_fused(self, module: str) -> tuple[str, int, tuple[str, ...]]:
+    def kohya_fused(self, module: str, denoiser_config=None) -> tuple[str, int, tuple[str, ...]]:
         """``(stem, part, parts)``: the kohya stem of a diffusers module, its position among the modules fused into
-        that stem, and those modules' full diffusers paths in order (one for an unfused module).
+        that stem, and those modules' full diffusers paths in order (one for an unfused module). BFL's names do not
+        depend on the config.
 
         Raises:
             ValueError: a module with no kohya name (outside the blocks, or not a linear layer BFL names).

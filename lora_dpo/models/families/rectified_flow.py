@@ -63,9 +63,6 @@ class RectifiedFlowFamily(ModelFamily):
     """T5 tokens per caption, the pipeline's default (SD3 256, FLUX 512)."""
     patch_size: ClassVar[int] = 2
     """Latent pixels per token side (both pack 2 x 2 patches)."""
-    real_configs: ClassVar[dict[str, Any]]
-    """The real-size architecture (cost benchmarks): ``transformer`` config, ``vae`` config, and text encoder
-    configs by component name."""
 
     def matches_layout(self, model_index: dict) -> bool:
         return "transformer" in model_index and self._layout(model_index)
@@ -88,7 +85,7 @@ class RectifiedFlowFamily(ModelFamily):
             raise ModelLoadError(f"model.prediction_type applies to the UNet families; {self.label} predicts the flow "
                                  "velocity: remove it")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kw)
-        vae_dtype = weight_dtype if model_cfg.vae_dtype == "auto" else DTYPES[model_cfg.vae_dtype]
+        vae_dtype = self.vae_dtype(weight_dtype) if model_cfg.vae_dtype == "auto" else DTYPES[model_cfg.vae_dtype]
         quantization = getattr(model_cfg, "quantization", None)
         with safetensors_only(name):
             denoiser = None
@@ -195,27 +192,10 @@ class RectifiedFlowFamily(ModelFamily):
 
     def build_random_components(self, tiny: bool, weight_dtype: torch.dtype, device: torch.device | str,
                                 unet_dtype: torch.dtype | None, seed: int) -> Components:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            if tiny:
-                parts = self.build_tiny_components(seed)
-            else:
-                parts = self.build_real_components()
-        denoiser, vae = parts["transformer"], parts["vae"]
-        tokenizers = [parts[t] for t, _, _ in self.text_parts]
-        encoders = [parts[e] for _, e, _ in self.text_parts]
-        denoiser.to(device, unet_dtype or weight_dtype)
-        vae.to(device, weight_dtype)
-        for module in (denoiser, vae, *encoders):
-            module.requires_grad_(False).eval()
-            module.to(device)
-        for encoder in encoders:
-            encoder.to(device, weight_dtype)
-        components = Components(self.name, denoiser, vae, encoders, tokenizers, parts["scheduler"], "flow")
-        components.options.update(DEFAULT_SIGMA_SAMPLING, shift_factor=float(vae.config.shift_factor or 0.0))
+        """:meth:`ModelFamily.build_random_components` with the default σ density and the VAE's shift factor."""
+        components = super().build_random_components(tiny, weight_dtype, device, unet_dtype, seed)
+        components.options.update(DEFAULT_SIGMA_SAMPLING, shift_factor=float(components.vae.config.shift_factor or 0.0))
         return components
 
-    @abstractmethod
-    def build_real_components(self) -> dict[str, Any]:
-        """Random-weight components of the real-size architecture (keyed as the pipeline takes them); tokenizers
-        are small offline ones padded to the real lengths."""
+    def text_component_names(self) -> list[tuple[str, str]]:
+        return [(tokenizer, encoder) for tokenizer, encoder, _ in self.text_parts]

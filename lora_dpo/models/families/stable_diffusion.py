@@ -92,10 +92,6 @@ class StableDiffusionFamily(ModelFamily):
         stem = self.pipeline_class.__name__.removesuffix("Pipeline")
         return frozenset(f"{stem}{task}Pipeline" for task in ("", "Img2Img", "Inpaint"))
 
-    def vae_dtype(self, weight_dtype: torch.dtype) -> torch.dtype:
-        """The VAE's dtype when ``model.vae_dtype`` is ``auto``: the frozen weights' dtype."""
-        return weight_dtype
-
     def load_components(self, model_cfg, model_index: dict[str, Any], weight_dtype: torch.dtype,
                         device: torch.device | str, unet_dtype: torch.dtype | None, encoders: bool,
                         unet: bool) -> Components:
@@ -184,28 +180,18 @@ class StableDiffusionFamily(ModelFamily):
     def tiny_text_encoders(self, vocab_size: int) -> dict[str, Any]:
         """The tiny pipeline's text encoders (and second tokenizer), keyed as the pipeline takes them."""
 
-    def build_random_components(self, tiny: bool, weight_dtype: torch.dtype, device: torch.device | str,
-                                unet_dtype: torch.dtype | None, seed: int) -> Components:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            if tiny:
-                parts = self.build_tiny_components(seed)
-                unet, vae = parts["unet"], parts["vae"]
-                tokenizers = [parts[part.tokenizer] for part in self.text_encoders]
-                encoders = [parts[part.encoder] for part in self.text_encoders]
-            else:
-                tokenizer = build_tokenizer(max_length=77)
-                unet = UNet2DConditionModel(**self.unet_config)
-                vae = AutoencoderKL(**SD_VAE, scaling_factor=self.vae_scaling_factor)
-                encoders = [part.model_class(clip_text_config(part.real_config)) for part in self.text_encoders]
-                tokenizers = [tokenizer] * len(encoders)
-        unet.to(device, unet_dtype or weight_dtype)
-        vae.to(device, self.vae_dtype(weight_dtype))
-        for module in (unet, vae, *encoders):
-            module.requires_grad_(False).eval()
-        for encoder in encoders:
-            encoder.to(device, weight_dtype)
-        return Components(self.name, unet, vae, encoders, tokenizers, build_noise_scheduler(), "epsilon")
+    def build_real_components(self) -> dict[str, Any]:
+        tokenizer = build_tokenizer(max_length=77)
+        parts = dict(unet=UNet2DConditionModel(**self.unet_config),
+                     vae=AutoencoderKL(**SD_VAE, scaling_factor=self.vae_scaling_factor),
+                     scheduler=build_noise_scheduler())
+        for part in self.text_encoders:
+            parts[part.tokenizer] = tokenizer
+            parts[part.encoder] = part.model_class(clip_text_config(part.real_config))
+        return parts
+
+    def text_component_names(self) -> list[tuple[str, str]]:
+        return [(part.tokenizer, part.encoder) for part in self.text_encoders]
 
 
 def _noise_scheduler(name: str, prediction_type: str | None, kw: dict) -> DDPMScheduler:
