@@ -21,6 +21,7 @@ _API = {
     "load_config": ("lora_dpo.config", "load_config"),
     "RecipeConfig": ("lora_dpo.config", "RecipeConfig"),
     "evaluate": ("lora_dpo.evaluation.run", "evaluate_run"),
+    "iterate": ("lora_dpo.iterate.loop", "iterate"),
     "merge_adapter": ("lora_dpo.export.merge", "merge_adapter"),
     "export_adapter": ("lora_dpo.export.formats", "export_adapter"),
     "generate": ("lora_dpo.inference.generation", "generate"),

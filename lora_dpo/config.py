@@ -338,6 +338,55 @@ class OutputConfig(_Section):
     tensorboard: bool = True
 
 
+class IterateConfig(_Section):
+    """``lora-dpo iterate``: rounds of online Diffusion-DPO. Round r samples ``candidates`` images per prompt and group
+    from the current policy (the base plus round r−1's adapter), scores them, pairs them by ``pairing``, trains the
+    recipe on those pairs with round r−1's policy as the reference (``lora.init_from``), and evaluates it against
+    the base and against round r−1. Ignored by ``train``."""
+
+    rounds: int = Field(3, ge=1)
+    candidates: int = Field(8, ge=2)  # N images per group
+    # Groups of N per prompt and round (group j of round r: seeds seed_offset + ((r-1)·groups + j)·N + i).
+    groups_per_prompt: int = Field(100, ge=1)
+    pairing: Literal["best-worst", "top-bottom-k", "all", "adjacent"] = "best-worst"
+    top_k: int = Field(1, ge=1)  # pairs per group for top-bottom-k (k <= N/2)
+    min_gap: float = Field(0.0, ge=0)  # the smallest score gap of a pair
+    prompts: str = "digits"  # 'digits', a text file (one per line) or a table (.csv/.tsv/.jsonl/.json/.parquet)
+    prompt_column: str | None = None
+    # Scorer specs (lora-dpo prefs --scorer): 'jpeg', or a folder (digit classifier, aesthetic, CLIP / PickScore);
+    # several combine by `vote`. The first one judges the evaluations.
+    scorer: list[str] = Field(default_factory=list)
+    vote: Literal["mean-rank", "majority"] = "mean-rank"
+    num_inference_steps: int = Field(20, gt=0)
+    guidance_scale: float | None = Field(None, ge=0)  # None: model.guidance_scale, else 3.0
+    sample_batch_size: int = Field(64, gt=0)  # images per pipeline call and per scorer pass
+    seed_offset: int = Field(0, ge=0)
+    # The evaluation of every round: the same prompts (None: `prompts`) and seeds, and the same held-out pairs.
+    eval_prompts: str | None = None
+    eval_seeds_per_prompt: int = Field(40, gt=0)
+    eval_seed_offset: int = Field(10_000, ge=0)
+    heldout_pairs: str | None = None
+    implicit_draws: int = Field(32, gt=0)
+
+    @property
+    def seeds_per_round(self) -> int:
+        """The seeds one round's candidates take per prompt."""
+        return self.groups_per_prompt * self.candidates
+
+    @model_validator(mode="after")
+    def _fits(self) -> IterateConfig:
+        if self.pairing == "top-bottom-k" and self.top_k > self.candidates // 2:
+            raise ValueError(f"iterate.top_k={self.top_k} needs k <= candidates / 2 = {self.candidates // 2} (the k "
+                             "best against the k worst of each group); lower top_k or raise candidates")
+        train = (self.seed_offset, self.seed_offset + self.rounds * self.seeds_per_round)
+        held = (self.eval_seed_offset, self.eval_seed_offset + self.eval_seeds_per_prompt)
+        if train[0] < held[1] and held[0] < train[1]:
+            raise ValueError(f"the candidates' seeds [{train[0]}, {train[1]}) of {self.rounds} rounds overlap the "
+                             f"evaluation's seeds [{held[0]}, {held[1]}): the evaluation would see training noise; "
+                             f"set iterate.eval_seed_offset >= {train[1]} or lower iterate.groups_per_prompt")
+        return self
+
+
 class RecipeConfig(_Section):
     """The whole recipe. Section names match the YAML and the ``section.key=value`` overrides."""
 
@@ -349,6 +398,7 @@ class RecipeConfig(_Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    iterate: IterateConfig = Field(default_factory=IterateConfig)
 
     @model_validator(mode="after")
     def _cross_field_checks(self) -> RecipeConfig:
@@ -502,7 +552,8 @@ _LAUNCHER_KEYS = {"compute_environment", "distributed_type", "num_processes", "n
                   "main_training_function", "deepspeed_config", "fsdp_config", "use_cpu", "gpu_ids", "rdzv_backend"}
 # Recipe keys that name an existing input (a folder, a file or a glob), resolved by :func:`_resolve_recipe_paths`.
 _INPUT_PATHS = (("model", "pretrained_model_name_or_path"), ("data", "dataset"), ("data", "image_root"),
-                ("data", "latent_cache"), ("lora", "init_from"))
+                ("data", "latent_cache"), ("lora", "init_from"), ("iterate", "prompts"), ("iterate", "eval_prompts"),
+                ("iterate", "scorer"), ("iterate", "heldout_pairs"))
 
 
 def _exists(path: Path) -> bool:
@@ -517,13 +568,21 @@ def _resolve_recipe_paths(data: dict[str, Any], recipe: Path) -> None:
     for section, key in _INPUT_PATHS:
         node = data.get(section)
         value = node.get(key) if isinstance(node, dict) else None
-        if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute() \
-                or _exists(Path(value)):
-            continue
-        for folder in recipe.resolve().parents:
-            if _exists(folder / value):
-                node[key] = str(folder / value)
-                break
+        if isinstance(value, list):  # a list of inputs (iterate.scorer)
+            node[key] = [_resolved(item, recipe) for item in value]
+        elif isinstance(value, str):
+            node[key] = _resolved(value, recipe)
+
+
+def _resolved(value: Any, recipe: Path) -> Any:
+    """One input path of a recipe file, as :func:`_resolve_recipe_paths` reads it (anything else unchanged)."""
+    if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute() \
+            or _exists(Path(value)):
+        return value
+    for folder in recipe.resolve().parents:
+        if _exists(folder / value):
+            return str(folder / value)
+    return value
 
 
 def _read_recipe(recipe: str | Path) -> dict[str, Any]:

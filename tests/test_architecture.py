@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "lora_dpo"
 # Bottom to top; a module may import from its own unit and from the units before it. Kept in step with
 # ARCHITECTURE.md's picture.
 LAYERS = ["errors", "library_noise", "losses", "config", "models", "data", "export", "inference", "training",
-          "feedback", "evaluation", "world", "cli"]
+          "feedback", "evaluation", "iterate", "world", "cli"]
 OPTIONAL = ("bitsandbytes", "matplotlib", "torch.utils.tensorboard", "tensorboard", "deepspeed")
 MAX_LINES = 80
 

@@ -17,7 +17,8 @@ from lora_dpo.cli import main
 from lora_dpo.config import load_config
 from lora_dpo.evaluation.figures import moving_average, plot_training_curves
 from lora_dpo.evaluation.implicit_reward import implicit_reward_accuracy, load_exported_adapter
-from lora_dpo.evaluation.run import evaluate_run
+from lora_dpo.evaluation.report import Scores, change_marks, digit_changes, format_summary
+from lora_dpo.evaluation.run import CHANGES_FILE, evaluate_run
 from lora_dpo.evaluation.stats import (
     bootstrap_interval,
     diversity,
@@ -26,7 +27,7 @@ from lora_dpo.evaluation.stats import (
     win_outcomes,
     win_rate,
 )
-from lora_dpo.inference.grids import grid_size, make_grid, tile_size
+from lora_dpo.inference.grids import FRAME_WIDTH, MARK_COLORS, grid_size, make_grid, tile_size
 from lora_dpo.models.lora_files import WEIGHT_NAME
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,6 +120,77 @@ def test_grid_has_the_exact_size_and_places_tiles():
         make_grid(["x", "y"], base, tuned[:1])
 
 
+def _frame_mask(shape: tuple[int, ...], x: int, y: int, tile: int) -> np.ndarray:
+    """True on the FRAME_WIDTH pixels along the inner edges of the tile at (x, y)."""
+    mask = np.zeros(shape[:2], dtype=bool)
+    mask[y:y + tile, x:x + tile] = True
+    mask[y + FRAME_WIDTH:y + tile - FRAME_WIDTH, x + FRAME_WIDTH:x + tile - FRAME_WIDTH] = False
+    return mask
+
+
+def _expected_frames(shape: tuple[int, ...], marks: list[list], tile: int = 96) -> dict[str, np.ndarray]:
+    """Per mark, the pixels its frames cover: both tiles (base and tuned) of each marked column."""
+    frames = {kind: np.zeros(shape[:2], dtype=bool) for kind in MARK_COLORS}
+    for i, row in enumerate(marks):
+        for j, mark in enumerate(row):
+            for r in (0, 1) if mark else ():
+                y = i * (16 + 2 * tile) + 16 + r * tile
+                frames[mark] |= _frame_mask(shape, 44 + j * tile, y, tile)
+    return frames
+
+
+def _assert_marked(marked: np.ndarray, plain: np.ndarray, marks: list[list]) -> None:
+    """``marked`` is ``plain`` with a green frame on the fixed columns and a red one on the broken columns, both
+    tiles each, and nothing else changed."""
+    frames = _expected_frames(plain.shape, marks)
+    for kind, mask in frames.items():
+        assert (marked[mask] == MARK_COLORS[kind]).all(), kind
+    untouched = ~(frames["fixed"] | frames["broken"])
+    assert np.array_equal(marked[untouched], plain[untouched])
+
+
+def test_grid_marks_frame_fixed_and_broken_columns():
+    rng = np.random.default_rng(1)
+    image = lambda: Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8))  # noqa: E731
+    base = [[image() for _ in range(3)] for _ in range(2)]
+    tuned = [[image() for _ in range(3)] for _ in range(2)]
+    prompts = ["a handwritten digit seven", "a handwritten digit one"]
+    marks = [[None, "fixed", "broken"], ["broken", None]]  # a row may be shorter than its images
+    plain = np.asarray(make_grid(prompts, base, tuned))
+    marked = np.asarray(make_grid(prompts, base, tuned, marks=marks))
+    assert marked.shape == plain.shape == (2 * (16 + 2 * 96), 44 + 3 * 96, 3)  # the same size
+    _assert_marked(marked, plain, marks)
+    assert MARK_COLORS["fixed"] == (0, 170, 0) and MARK_COLORS["broken"] == (220, 0, 0) and FRAME_WIDTH == 3
+    # each frame: 4·96·3 - 4·3² pixels on each of its two tiles
+    assert _expected_frames(plain.shape, marks)["broken"].sum() == 2 * 2 * (4 * 96 * 3 - 4 * 9)
+    assert np.array_equal(np.asarray(make_grid(prompts, base, tuned, marks=[[None], []])), plain)
+    wide = make_grid(prompts, base, tuned, min_cols=5)
+    assert wide.size == grid_size(2, 5, 96) and np.asarray(wide)[16:112, 44 + 4 * 96:].min() == 255  # blank
+    with pytest.raises(ValueError, match="unknown marks"):
+        make_grid(prompts, base, tuned, marks=[["fixd"], []])
+    with pytest.raises(ValueError, match="one per prompt"):
+        make_grid(prompts, base, tuned, marks=[["fixed"]])
+
+
+def test_digit_changes_by_hand():
+    correct_base = np.array([True, False, True, False, True, False])
+    correct_tuned = np.array([True, True, False, False, False, True])
+    scores = Scores(np.zeros(6), np.zeros(6), np.full(6, 0.5), correct_base, correct_tuned)
+    assert change_marks(scores) == [None, "fixed", "broken", None, "broken", "fixed"]
+    prompts = ["seven"] * 3 + ["one"] * 3
+    changes = digit_changes(scores, prompts, [10, 11, 12] * 2)
+    assert changes == {"fixed": 2, "broken": 2,
+                       "fixed_comparisons": [{"prompt": "seven", "seed": 11}, {"prompt": "one", "seed": 12}],
+                       "broken_comparisons": [{"prompt": "seven", "seed": 12}, {"prompt": "one", "seed": 11}]}
+    assert changes["fixed"] == int((correct_tuned & ~correct_base).sum())
+    assert changes["broken"] == int((correct_base & ~correct_tuned).sum())
+    no_digits = Scores(np.zeros(6), np.zeros(6), np.full(6, 0.5))
+    assert change_marks(no_digits) is None
+    assert set(digit_changes(no_digits, prompts, [0] * 6).values()) == {None}
+    with pytest.raises(ValueError):
+        digit_changes(scores, prompts[:5], [0] * 6)
+
+
 def test_training_curves_png(tmp_path):
     rows = [{"step": s, "loss": 0.69 - 0.01 * s, "rewards/accuracies": min(1.0, 0.05 * s),
              "rewards/margins": 0.1 * s} for s in range(1, 31)]
@@ -185,6 +257,9 @@ def test_eval_json_has_every_field_with_sane_values(evaluated):
     assert report["reward_base_mean"] < 0  # JPEG compressibility: minus kilobytes
     # the JPEG scorer has no predict(): no accuracy
     assert report["accuracy_base"] is None and report["accuracy_delta_points"] is None
+    assert report["fixed"] is report["broken"] is report["fixed_comparisons"] is None  # nor fixed / broken
+    assert report["files"]["changes_grid"] is None and not (out / CHANGES_FILE).exists()
+    assert report["settings"]["reference_adapter"] is None
     assert report["diversity_base"] > 0 and report["diversity_tuned"] > 0 and report["diversity_ratio"] > 0
     assert report["diversity_ratio"] == pytest.approx(report["diversity_tuned"] / report["diversity_base"])
     implicit = report["implicit_reward"]
@@ -276,6 +351,136 @@ def test_accuracy_fields_with_a_digit_scorer(trained_run, tmp_path):
     assert report["settings"]["scorer"] == "seven_everywhere"
     with Image.open(tmp_path / "eval_grid.png") as grid:
         assert grid.size == (44 + 96, 16 + 2 * 96)
+    # every image is read as a 7, base and tuned alike: nothing fixed or broken, no changes grid
+    assert report["fixed"] == report["broken"] == 0
+    assert report["fixed_comparisons"] == report["broken_comparisons"] == []
+    assert report["files"]["changes_grid"] is None and not (tmp_path / CHANGES_FILE).exists()
+    assert "fixed 0, broken 0" in format_summary(report)
+
+
+class _Scripted:
+    """A stand-in digit classifier whose predictions are given: the base set's, then the tuned set's (the order in
+    which evaluate_run asks); reward = mean brightness."""
+
+    name = "scripted"
+
+    def __init__(self, *predictions):
+        self.predictions = [np.asarray(p) for p in predictions]
+
+    def score(self, images, prompts):
+        return np.array([np.asarray(im, dtype=np.float64).mean() for im in images])
+
+    def predict(self, images):
+        assert len(self.predictions[0]) == len(images)
+        return self.predictions.pop(0)
+
+
+def test_fixed_and_broken_comparisons(trained_run, tmp_path):
+    prompts = ["a handwritten digit seven", "a handwritten digit one"]  # targets 7, 7, 7, 1, 1, 1
+    base_pred, tuned_pred = [7, 0, 7, 1, 0, 0], [7, 7, 0, 0, 1, 0]
+    # by hand: base right at 0, 2, 3; tuned right at 0, 1, 4 -> fixed 1 and 4, broken 2 and 3
+    report = evaluate_run(trained_run, scorer_spec=_Scripted(base_pred, tuned_pred), prompts=prompts,
+                          seeds_per_prompt=3, seed_offset=50, num_inference_steps=1, out_dir=tmp_path,
+                          save_images=True)
+    assert report["fixed"] == 2 and report["broken"] == 2
+    assert report["fixed_comparisons"] == [{"prompt": prompts[0], "seed": 51}, {"prompt": prompts[1], "seed": 51}]
+    assert report["broken_comparisons"] == [{"prompt": prompts[0], "seed": 52}, {"prompt": prompts[1], "seed": 50}]
+    assert report["accuracy_base"] == report["accuracy_tuned"] == 0.5
+    summary = format_summary(report)
+    assert ("  fixed 2, broken 2 (tuned read as the prompted digit and base not / the reverse)" in summary
+            and str(tmp_path / CHANGES_FILE) in summary)
+    # eval_grid.png: the unmarked grid of the same images, plus the frames
+    names = [[f"{i:03d}_{s}.png" for s in (50, 51, 52)] for i in range(2)]
+    rows = {kind: [[Image.open(tmp_path / "eval_samples" / kind / n) for n in row] for row in names]
+            for kind in ("base", "tuned")}
+    plain = np.asarray(make_grid(prompts, rows["base"], rows["tuned"]))
+    with Image.open(report["files"]["grid"]) as grid:
+        marked = np.asarray(grid.convert("RGB"))
+    _assert_marked(marked, plain, [[None, "fixed", "broken"], ["broken", "fixed", None]])
+    # eval_changes.png: fixed (seven 51, one 51), then broken (seven 52, one 50): one row pair each, 6 columns
+    assert report["files"]["changes_grid"] == str(tmp_path / CHANGES_FILE)
+    with Image.open(tmp_path / CHANGES_FILE) as changes:
+        arr = np.asarray(changes.convert("RGB"))
+    assert arr.shape[1::-1] == grid_size(4, 6, 96)
+    expected = make_grid(
+        [f"fixed (2): {prompts[0]}; seed 51", f"fixed (2): {prompts[1]}; seed 51",
+         f"broken (2): {prompts[0]}; seed 52", f"broken (2): {prompts[1]}; seed 50"],
+        [[rows["base"][0][1]], [rows["base"][1][1]], [rows["base"][0][2]], [rows["base"][1][0]]],
+        [[rows["tuned"][0][1]], [rows["tuned"][1][1]], [rows["tuned"][0][2]], [rows["tuned"][1][0]]],
+        marks=[["fixed"], ["fixed"], ["broken"], ["broken"]], min_cols=6)
+    assert np.array_equal(arr, np.asarray(expected))
+
+
+def _samples(out: Path, kind: str, report: dict) -> list[np.ndarray]:
+    n_prompts = len(report["settings"]["prompts"])
+    return [np.asarray(Image.open(out / "eval_samples" / kind / f"{i:03d}_{s}.png"))
+            for i in range(n_prompts) for s in report["settings"]["seeds"]]
+
+
+def test_against_another_adapter_leaves_the_tuned_images_alone(evaluated, trained_run, lora_sd15, tmp_path,
+                                                              monkeypatch):
+    """With a reference adapter the base side changes, and the reference is gone before the run's adapter comes:
+    the tuned images equal those of the evaluation without one, bit for bit."""
+    import lora_dpo.evaluation.run as run_module
+
+    plain, plain_out = evaluated
+    loaded, real_generate = [], run_module.generate_images
+
+    def generate(pipe, *args, **kwargs):  # the adapters in the pipeline, and the active ones, as each set samples
+        loaded.append((sorted({a for names in pipe.get_list_adapters().values() for a in names}),
+                       pipe.get_active_adapters()))
+        return real_generate(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "generate_images", generate)
+    report = evaluate_run(trained_run, scorer_spec="jpeg", prompts=PROMPTS, seeds_per_prompt=SEEDS,
+                          num_inference_steps=STEPS, out_dir=tmp_path, save_images=True,
+                          reference_adapter=lora_sd15)
+    assert loaded == [(["reference"], ["reference"]), (["tuned"], ["tuned"])]
+    assert report["settings"]["reference_adapter"] == str(lora_sd15)
+    assert format_summary(report).splitlines()[0].startswith(f"eval of {trained_run} against {lora_sd15}: ")
+    tuned, plain_tuned = _samples(tmp_path, "tuned", report), _samples(plain_out, "tuned", plain)
+    assert all(np.array_equal(a, b) for a, b in zip(tuned, plain_tuned))
+    base, plain_base = _samples(tmp_path, "base", report), _samples(plain_out, "base", plain)
+    assert not any(np.array_equal(a, b) for a, b in zip(base, plain_base))  # the reference was on
+    assert report["reward_tuned_mean"] == plain["reward_tuned_mean"]
+
+
+def test_cli_eval_against_its_own_adapter_ties_everything(trained_run, tmp_path, capsys):
+    code = main(["eval", str(trained_run), "--scorer", "jpeg", "--prompts", "digits", "--seeds-per-prompt", "1",
+                 "--steps", "2", "--against", str(trained_run), "--out", str(tmp_path), "--save-images"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"eval of {trained_run} against {trained_run}: ")
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["settings"]["reference_adapter"] == str(trained_run)
+    base, tuned = _samples(tmp_path, "base", report), _samples(tmp_path, "tuned", report)
+    assert len(base) == 10 and all(np.array_equal(a, b) for a, b in zip(base, tuned))
+    assert report["identical_images"] == report["ties"] == 10 and report["win_rate"] == 0.5
+
+
+def test_a_bad_reference_adapter_fails_before_sampling(trained_run, tmp_path, monkeypatch, capsys):
+    import lora_dpo.evaluation.run as run_module
+
+    def no_pipeline(*args, **kwargs):
+        raise AssertionError("the pipeline loaded before the reference adapter was checked")
+
+    monkeypatch.setattr(run_module, "load_pipeline", no_pipeline)
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        evaluate_run(trained_run, scorer_spec="jpeg", prompts=PROMPTS, seeds_per_prompt=1,
+                     reference_adapter=missing, out_dir=tmp_path / "out")
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("a.safetensors", "b.safetensors"):
+        shutil.copyfile(trained_run / WEIGHT_NAME, two / name)
+    with pytest.raises(ValueError, match="several"):
+        evaluate_run(trained_run, scorer_spec="jpeg", prompts=PROMPTS, seeds_per_prompt=1,
+                     reference_adapter=two, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out" / "eval.json").exists()
+    capsys.readouterr()
+    assert main(["eval", str(trained_run), "--scorer", "jpeg", "--against", str(missing),
+                 "--out", str(tmp_path / "out")]) == 2
+    assert str(missing) in capsys.readouterr().err
 
 
 def test_cli_eval_prints_a_summary(trained_run, tmp_path, capsys):

@@ -487,7 +487,7 @@ def test_relabel_cli(messy_pairs, tiny_clip, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--scorer", "BAD_CLIP"], "describes a 'bert' model"),
-    (["--scorer", "/no/such/scorer"], "unknown scorer '/no/such/scorer'"),
+    (["--scorer", "/no/such/scorer"], "scorer '/no/such/scorer' not found"),
     (["--scorer", "jpeg", "--pairs-per-prompt", "2"], "--pairs-per-prompt / --candidates apply to sampling"),
     (["--scorer", "jpeg", "--candidates", "4"], "--pairs-per-prompt / --candidates apply to sampling"),
 ])
@@ -549,6 +549,25 @@ def test_candidate_set_counts_degenerate_prompts(tmp_path):
     report = build_candidate_set(FakePipe(), TieOnPrompt(PROMPTS[1]), PROMPTS, 4, out)
     assert report["skipped"] == {"degenerate_group": 1} and report["pairs"] == 1
     assert pq.read_table(out).column("caption").to_pylist() == [PROMPTS[0]]
+
+
+def test_candidate_groups_take_their_own_seeds(pipe, tmp_path):
+    """Two groups of N = 3 per prompt: group j of every prompt samples the seeds S + 3j .. S + 3j + 2, and each
+    best-worst pair takes both its images from one group (re-sampled here)."""
+    out = tmp_path / "groups.parquet"
+    scorer = JpegCompressibilityScorer()
+    report = build_candidate_set(pipe, scorer, PROMPTS, 3, out, seed_offset=7, groups_per_prompt=2,
+                                 num_inference_steps=STEPS)
+    table = pq.read_table(out).to_pylist()
+    assert report["seed_range"] == [7, 13] and report["groups_per_prompt"] == 2
+    assert len(table) == 2 * len(PROMPTS) - sum(report["skipped"].values())
+    for prompt in PROMPTS:
+        images = generate_images(pipe, [prompt] * 6, list(range(7, 13)), num_inference_steps=STEPS)
+        scores = np.asarray(scorer.score(images, [prompt] * 6)).reshape(2, 3)
+        expected = [(7 + 3 * j + int(s.argmax()), 7 + 3 * j + int(s.argmin())) for j, s in enumerate(scores)]
+        assert [(r["seed_0"], r["seed_1"]) for r in table if r["caption"] == prompt] == expected
+    with pytest.raises(ValueError, match="groups_per_prompt must be >= 1"):
+        build_candidate_set(FakePipe(), scorer, PROMPTS, 3, out, groups_per_prompt=0)
 
 
 def test_prefs_cli_candidates(tiny_sd15, tmp_path, capsys):

@@ -1,5 +1,6 @@
-"""``lora-dpo eval RUN_DIR --scorer SPEC``: base vs tuned on held-out seeds (win rate, accuracy, diversity,
-implicit reward); writes ``eval.json`` and the PNGs (:func:`lora_dpo.evaluation.run.evaluate_run`)."""
+"""``lora-dpo eval RUN_DIR --scorer SPEC [--against ADAPTER]``: base (or base + ADAPTER) vs tuned on held-out
+seeds (win rate, accuracy, fixed / broken comparisons, diversity, implicit reward); writes ``eval.json`` and the
+PNGs (:func:`lora_dpo.evaluation.run.evaluate_run`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heldout-pairs", default=None, help="Pick-a-Pic parquet: implicit-reward accuracy")
     parser.add_argument("--max-heldout-pairs", type=int, default=None, help="use only the first N held-out pairs")
     parser.add_argument("--base-model", default=None, help="default: the recipe's model")
+    parser.add_argument("--against", default=None, metavar="ADAPTER",
+                        help="compare with this LoRA (run folder or .safetensors file) on the base instead of the "
+                             "base alone, e.g. the previous round")
     parser.add_argument("--steps", type=int, default=20, help="sampler steps")
     parser.add_argument("--guidance", type=float, default=None,
                         help="guidance scale (default: the recipe's model.guidance_scale, as FLUX.1-dev trained with; "
@@ -37,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         heldout_pairs=args.heldout_pairs, max_heldout_pairs=args.max_heldout_pairs,
         num_inference_steps=args.steps, guidance_scale=args.guidance, out_dir=args.out,
         batch_size=args.batch_size, device=args.device, dtype=args.dtype, save_images=args.save_images,
-        progress=True,
+        progress=True, reference_adapter=args.against,
     )
     print(format_summary(report))
     return 0

@@ -2,7 +2,8 @@
 
     lora-dpo train RECIPE [section.key=value ...]
     lora-dpo validate RECIPE [section.key=value ...]
-    lora-dpo demo [section.key=value ...]
+    lora-dpo demo [--rounds R] [section.key=value ...]
+    lora-dpo iterate RECIPE [--rounds R] [section.key=value ...]
     lora-dpo eval RUN_DIR --scorer ...
     lora-dpo generate MODEL PROMPT ... [--adapter PATH[:SCALE] ...]
     lora-dpo merge MODEL ADAPTER OUT [--scale S] [--unet-only]
@@ -58,6 +59,8 @@ COMMANDS: dict[str, Command] = {
     "cache": Command("lora_dpo.cli.cache",
                      "encode a recipe's pairs once: VAE latents, text embeddings, reference errors"),
     "demo": Command("lora_dpo.cli.demo", "offline demo: LoRA-DPO on the digits world, then its evaluation"),
+    "iterate": Command("lora_dpo.cli.iterate", "online DPO in rounds: sample from the policy, score, pair best "
+                                               "against worst, train against the previous round, evaluate"),
     "eval": Command("lora_dpo.cli.eval", "compare a trained run with its base model on held-out seeds"),
     "merge": Command("lora_dpo.cli.merge", "fuse a LoRA into the base weights: a pipeline folder that opens alone"),
     "export": Command("lora_dpo.cli.export",
@@ -118,13 +121,25 @@ def error_line(exc: BaseException) -> str | None:
     return None
 
 
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, except that overrides after an option (``iterate RECIPE --rounds 3 a.b=c``) join
+    the command's ``overrides``: argparse gives a ``nargs="*"`` positional its (empty) share at the first positional
+    and would call the later ones unrecognized. Exits 2 with argparse's usage line for anything else unknown."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+        args.overrides.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``lora-dpo`` command (``argv``: default ``sys.argv[1:]``); return its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _setup_logging()  # before the command's module loads, as its imports ran after it when they were in functions
     debug = bool({"--debug", "--traceback"} & set(argv)) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
     try:  # the parser imports the command's module: a missing optional dependency is one line too
-        args = build_parser(chosen_command(argv)).parse_args(argv)
+        args = parse_arguments(build_parser(chosen_command(argv)), argv)
         return command_module(args.command).run(args)
     except TrainingDiverged as exc:
         if debug:

@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pairs-per-prompt", type=int, default=None, help="pairs per prompt (two seeds each); --model")
     parser.add_argument("--candidates", type=int, default=None, metavar="N",
                         help="--model: N images per prompt (seeds S .. S+N-1), paired by --pairing")
+    parser.add_argument("--groups-per-prompt", type=int, default=1, metavar="G",
+                        help="--candidates: G groups of N per prompt (group j: seeds S+jN .. S+jN+N-1), each paired "
+                             "on its own (best-worst: G pairs per prompt)")
     parser.add_argument("--pairing", default="best-worst", choices=PAIRINGS,
                         help="with --candidates: best-worst (one pair per prompt), top-bottom-k (--top-k pairs), all "
                              "(every pair with a gap >= --min-gap), adjacent (seeds 2k, 2k+1)")
@@ -83,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     elif args.candidates is not None:
         report = build_candidate_set(
             model, scorers, prompts, args.candidates, args.out, pairing=args.pairing, k=args.top_k,
-            min_gap=args.min_gap, vote=args.vote, seed_offset=args.seed_offset, num_inference_steps=args.steps,
+            min_gap=args.min_gap, vote=args.vote, seed_offset=args.seed_offset,
+            groups_per_prompt=args.groups_per_prompt, num_inference_steps=args.steps,
             guidance_scale=args.guidance, batch_size=args.batch_size,
         )
     else:

@@ -80,15 +80,23 @@ def _heldout_data_config(cfg: RecipeConfig, heldout_pairs: str | Path, max_pairs
 
 
 def _load_policy(run_dir: str | Path, cfg: RecipeConfig, state: dict[str, torch.Tensor], dtype: torch.dtype,
-                 device: torch.device) -> tuple[Components, Reference]:
+                 device: torch.device, reference: str = "run") -> tuple[Components, Reference]:
     """The frozen components (``dtype``) with the run's adapter ``state`` loaded into the policy (fp32), in eval
-    mode, and the run's reference: the base (a fresh adapter disabled) or the LoRA it started from
-    (``lora.init_from``, kept in the run folder as ``REFERENCE_LORA_FILE``)."""
+    mode, and the reference: ``run``, the run's own (the base, a fresh adapter disabled, or the LoRA it started from,
+    ``lora.init_from``, kept in the run folder as ``REFERENCE_LORA_FILE``); ``base``, the base always (the adapter
+    disabled: the adapter then has the recipe's ``lora`` rank and modules, as every round of ``lora-dpo iterate``)."""
     components = load_components(cfg.model, dtype, device)
     start = Path(run_dir) / REFERENCE_LORA_FILE
+    start = start if reference == "run" and start.is_file() else None
     policy = build_policy(cfg.model_copy(update={"train": cfg.train.model_copy(update={"gradient_checkpointing": False})}),
-                          components.unet, device, components.family, start if start.is_file() else None)
-    policy.load_trainable_state_dict(state)
+                          components.unet, device, components.family, start)
+    try:
+        policy.load_trainable_state_dict(state)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        if start is not None:
+            raise
+        raise ValueError(f"the adapter of {run_dir} does not fit a fresh adapter of the recipe's lora section (r, "
+                         f"target_modules), which the base as reference needs: {exc}") from exc
     components.unet.eval()
     return components, policy.reference
 
@@ -96,10 +104,11 @@ def _load_policy(run_dir: str | Path, cfg: RecipeConfig, state: dict[str, torch.
 @torch.no_grad()
 def _pair_margins(components: Components, reference: Reference, loader: torch.utils.data.DataLoader, beta: float,
                   draws: int, seed: int, accelerator: _EvalAccelerator, skipped: dict[str, int],
-                  progress: Any = None) -> list[torch.Tensor]:
+                  progress: Any = None, timesteps: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
     """Eq. 14's margin ``u`` of every pair the loader yields, for ``draws`` keyed draws each: a list of ``(B, K)``
     float64 tensors, one per batch with pairs. Rows the loader skips are counted into ``skipped`` (by reason);
-    ``progress`` (a tqdm bar, or None) advances by one per row read."""
+    ``progress`` (a tqdm bar, or None) advances by one per row read; ``timesteps`` (a list, or None) receives the
+    draws' timesteps, one ``(B, K)`` float64 tensor per batch, aligned with the margins."""
     implicit = LossConfig(beta=beta)  # Diffusion-DPO's margin, whatever loss trained the adapter
     margins = []
     for batch in loader:
@@ -109,13 +118,16 @@ def _pair_margins(components: Components, reference: Reference, loader: torch.ut
             if progress is not None:
                 progress.update(batch.num_skipped)
             continue
-        per_draw = []
+        per_draw, per_draw_t = [], []
         for k in range(draws):
             batch.draw_seeds = [draw_seed(EVAL_SALT, seed, index, k) for index in batch.indices]
             _, metrics = dpo_micro_step(components, components.unet, reference, batch, implicit, accelerator,
                                         accelerator.dtype)
             per_draw.append(metrics["rewards/margins"].double().cpu())
+            per_draw_t.append(metrics["timestep"].double().cpu())
         margins.append(torch.stack(per_draw, dim=1))  # (B, K)
+        if timesteps is not None:
+            timesteps.append(torch.stack(per_draw_t, dim=1))
         if progress is not None:
             progress.update(batch.num_pairs + batch.num_skipped)
     return margins
@@ -124,7 +136,8 @@ def _pair_margins(components: Components, reference: Reference, loader: torch.ut
 def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pairs: str | Path, *, draws: int = 4,
                              seed: int = 0, batch_size: int = 8, max_pairs: int | None = None,
                              device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                             progress: Any = None) -> dict[str, Any]:
+                             progress: Any = None, reference: str = "run",
+                             return_draws: bool = False) -> dict[str, Any]:
     """DPO implicit-reward accuracy of the run's adapter on held-out preference pairs.
 
     Per pair, the margin of Wallace et al. Eq. 14, ``u = -0.5·β·[(e_θ(w) - e_ref(w)) - (e_θ(l) - e_ref(l))]``
@@ -145,35 +158,45 @@ def implicit_reward_accuracy(run_dir: str | Path, cfg: RecipeConfig, heldout_pai
         dtype: frozen weights' dtype (the adapter stays fp32); half precision runs under autocast.
         progress: a tqdm bar to advance (or None): its total grows by the rows to read, and it moves by one per
             row read (a pair, or a row skipped).
+        reference: ``run`` (the run's own reference: the base, or the LoRA it started from) or ``base`` (the base
+            model, whatever the run started from: the cumulative implicit reward of an iterated adapter).
+        return_draws: also return every draw's margin and timestep (``benchmarks/implicit_draws.py`` uses them).
     Returns:
         ``{"accuracy", "accuracy_se_draws" (its standard error from the finite draws, :func:`draw_standard_error`),
         "margin_mean", "margin_std" (over pairs, of the per-pair mean margin),
         "per_draw_accuracy" (fraction of (pair, draw) with u > 0), "n_pairs", "draws", "seed", "beta",
-        "batch_size", "heldout_pairs", "skipped" (rows dropped, by reason), "weights"}``.
+        "batch_size", "heldout_pairs", "skipped" (rows dropped, by reason), "weights", "reference"}``; with
+        ``return_draws``, also ``"u"`` and ``"timesteps"``: ``(P, K)`` float64 arrays of each draw's margin and t.
     Raises:
         FileNotFoundError: no data at ``heldout_pairs`` or no exported adapter. ValueError: no usable pair.
     """
     if draws < 1:
         raise ValueError(f"draws={draws} must be >= 1")
+    if reference not in ("run", "base"):
+        raise ValueError(f"reference={reference!r} must be 'run' or 'base'")
     device = torch.device(device)
     data_cfg = _heldout_data_config(cfg, heldout_pairs, max_pairs)
     dataset, report = load_preference_dataset(data_cfg)
     family = family_for_index(read_model_index(cfg.model.pretrained_model_name_or_path, cfg.model.revision))
     state = load_exported_adapter(run_dir, family.denoiser_name)
-    components, reference = _load_policy(run_dir, cfg, state, dtype, device)
+    components, ref = _load_policy(run_dir, cfg, state, dtype, device, reference)
     loader = torch.utils.data.DataLoader(PairDataset(dataset, data_cfg, seed), batch_size=batch_size,
                                          shuffle=False, collate_fn=collate_pairs)
     skipped = dict(report.get("skipped", {}))
     if progress is not None:
         progress.total += len(dataset)
         progress.refresh()
-    margins = _pair_margins(components, reference, loader, cfg.loss.beta, draws, seed,
-                            _EvalAccelerator(device, dtype), skipped, progress)
+    timesteps: list[torch.Tensor] | None = [] if return_draws else None
+    margins = _pair_margins(components, ref, loader, cfg.loss.beta, draws, seed,
+                            _EvalAccelerator(device, dtype), skipped, progress, timesteps)
     if not margins:
         raise ValueError(f"no held-out pair of {heldout_pairs} could be decoded: {skipped}")
     u = torch.cat(margins).numpy()  # (P, K)
-    return _accuracy_report(u, draws=draws, seed=seed, beta=float(cfg.loss.beta), batch_size=batch_size,
-                            heldout_pairs=heldout_pairs, skipped=skipped, weights=Path(run_dir) / WEIGHT_NAME)
+    report = _accuracy_report(u, draws=draws, seed=seed, beta=float(cfg.loss.beta), batch_size=batch_size,
+                              heldout_pairs=heldout_pairs, skipped=skipped, weights=Path(run_dir) / WEIGHT_NAME)
+    if return_draws:
+        report.update(u=u, timesteps=torch.cat(timesteps).numpy())
+    return {**report, "reference": reference}
 
 
 def draw_standard_error(u: np.ndarray, resamples: int = 2000, seed: int = 0) -> float:

@@ -1,8 +1,8 @@
 """The numbers of an evaluation, from the scores of its base and tuned images, and the lines ``lora-dpo eval`` prints.
 
 :func:`comparison_stats` turns the per-comparison scores into the report's reward, win-rate, accuracy and
-diversity fields (:mod:`lora_dpo.evaluation.stats`); :func:`json_safe` makes a report JSON-clean; and
-:func:`format_summary` prints one.
+diversity fields (:mod:`lora_dpo.evaluation.stats`); :func:`digit_changes` lists the comparisons the tuning fixed
+or broke (digit scorers); :func:`json_safe` makes a report JSON-clean; and :func:`format_summary` prints one.
 """
 
 from __future__ import annotations
@@ -76,6 +76,37 @@ def comparison_stats(scores: Scores, base_images: Sequence[Image.Image], tuned_i
     }
 
 
+def change_marks(scores: Scores) -> list[str | None] | None:
+    """Per comparison (``(N,)``, prompt-major): ``"fixed"`` where the tuned image is read as the prompted digit and
+    the base image is not, ``"broken"`` for the reverse, None where both or neither are; None when the scorer does
+    not classify digits (``correct_base`` is None)."""
+    if scores.correct_base is None or scores.correct_tuned is None:
+        return None
+    return ["fixed" if tuned and not base else "broken" if base and not tuned else None
+            for base, tuned in zip(scores.correct_base.tolist(), scores.correct_tuned.tolist())]
+
+
+def digit_changes(scores: Scores, flat_prompts: Sequence[str], flat_seeds: Sequence[int]) -> dict[str, Any]:
+    """The report's ``fixed``, ``broken`` (counts) and ``fixed_comparisons``, ``broken_comparisons`` (lists of
+    ``{"prompt", "seed"}``, in comparison order) from :func:`change_marks`; all four None when the scorer does not
+    classify digits. ``flat_prompts``, ``flat_seeds``: the prompt and seed of each of the N comparisons.
+
+    Raises:
+        ValueError: ``flat_prompts`` or ``flat_seeds`` is not N long.
+    """
+    marks = change_marks(scores)
+    if marks is None:
+        return {"fixed": None, "broken": None, "fixed_comparisons": None, "broken_comparisons": None}
+    if not len(flat_prompts) == len(flat_seeds) == len(marks):
+        raise ValueError(f"{len(flat_prompts)} prompts and {len(flat_seeds)} seeds for {len(marks)} comparisons")
+    lists: dict[str, list[dict[str, Any]]] = {"fixed": [], "broken": []}
+    for mark, prompt, seed in zip(marks, flat_prompts, flat_seeds):
+        if mark is not None:
+            lists[mark].append({"prompt": prompt, "seed": int(seed)})
+    return {"fixed": len(lists["fixed"]), "broken": len(lists["broken"]),
+            "fixed_comparisons": lists["fixed"], "broken_comparisons": lists["broken"]}
+
+
 def per_prompt_stats(prompts: Sequence[str], seeds_per_prompt: int, scores: Scores,
                      base_images: Sequence[Image.Image], tuned_images: Sequence[Image.Image]) -> list[dict[str, Any]]:
     """One entry per prompt: its win rate, mean rewards, diversities and (digit scorers) accuracies."""
@@ -111,15 +142,17 @@ def json_safe(value: Any) -> Any:
 
 def format_summary(report: dict[str, Any]) -> str:
     """A few human-readable lines from an :func:`lora_dpo.evaluation.run.evaluate_run` report (what
-    ``lora-dpo eval`` prints)."""
+    ``lora-dpo eval`` prints): the settings (and ``against <adapter>`` with a reference adapter), reward, win rate,
+    accuracy and the fixed / broken counts (digit scorers), diversity, implicit reward, the files written."""
 
     def num(value: Any, fmt: str = ".3f") -> str:
         return "n/a" if value is None else format(value, fmt)
 
     s = report["settings"]
     lo, hi = report["win_rate_ci95"]
+    against = f" against {s['reference_adapter']}" if s.get("reference_adapter") else ""
     lines = [
-        f"eval of {report['run_dir']}: {report['n_comparisons']} comparisons ({len(s['prompts'])} prompts x "
+        f"eval of {report['run_dir']}{against}: {report['n_comparisons']} comparisons ({len(s['prompts'])} prompts x "
         f"{s['seeds_per_prompt']} seeds from {s['seed_offset']}), scorer {s['scorer']}, "
         f"{s['num_inference_steps']} steps, guidance {s['guidance_scale']}",
         f"  reward     base {num(report['reward_base_mean'])} ± {num(report['reward_base_std'])}  ->  tuned "
@@ -130,6 +163,9 @@ def format_summary(report: dict[str, Any]) -> str:
     if report["accuracy_base"] is not None:
         lines.append(f"  accuracy   {100 * report['accuracy_base']:.1f}%  ->  "
                      f"{100 * report['accuracy_tuned']:.1f}% ({report['accuracy_delta_points']:+.1f} points)")
+    if report.get("fixed") is not None:
+        lines.append(f"  fixed {report['fixed']}, broken {report['broken']} (tuned read as the prompted digit and "
+                     "base not / the reverse)")
     lines.append(f"  diversity  base {num(report['diversity_base'])}, tuned "
                  f"{num(report['diversity_tuned'])}, ratio tuned/base {num(report['diversity_ratio'])}")
     implicit = report.get("implicit_reward")
@@ -139,7 +175,7 @@ def format_summary(report: dict[str, Any]) -> str:
                      f"{num(implicit['margin_mean'], '.4g')}")
     files = report["files"]
     lines.append(f"  report: {files['eval_json']}")
-    for key, label in (("grid", "grid:  "), ("training_curves", "curves:")):
+    for key, label in (("grid", "grid:  "), ("changes_grid", "changes:"), ("training_curves", "curves:")):
         if files.get(key):
             lines.append(f"  {label} {files[key]}")
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import io
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lora_dpo.feedback.pairing import majority, mean_rank, pair_candidates
+from lora_dpo.feedback.pairing import Pairs, majority, mean_rank, pair_candidates
 from lora_dpo.feedback.scorers import Scorer
 from lora_dpo.inference.sampling import generate_images, load_pipeline
 
@@ -149,12 +149,16 @@ VOTES = {"mean-rank": mean_rank, "majority": majority}
 
 def build_candidate_set(pipeline_dir, scorer: Scorer | list[Scorer], prompts: list[str], candidates: int,
                         out_path: str | Path, *, pairing: str = "best-worst", k: int = 1, min_gap: float = 0.0,
-                        vote: str = "mean-rank", seed_offset: int = 0, num_inference_steps: int = 20,
-                        guidance_scale: float = 3.0, batch_size: int = 64) -> dict[str, Any]:
-    """Sample ``candidates`` images per prompt, score them, pair them by ``pairing``, write a Pick-a-Pic parquet.
+                        vote: str = "mean-rank", seed_offset: int = 0, groups_per_prompt: int = 1,
+                        num_inference_steps: int = 20, guidance_scale: float = 3.0, batch_size: int = 64,
+                        resolution: int | None = None,
+                        on_batch: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Sample ``candidates`` images per prompt and group, score them, pair them by ``pairing``, write a Pick-a-Pic
+    parquet.
 
-    Candidate i of every prompt uses the seed ``seed_offset + i``; the scored candidates of a prompt form one group of
-    :func:`lora_dpo.feedback.pairing.pair_candidates` (``best-worst``: the highest against the lowest score, as online
+    Each prompt gets ``groups_per_prompt`` groups of N = ``candidates`` images; candidate i of group j of every prompt
+    uses the seed ``seed_offset + j·N + i`` (one set spans the seeds ``[seed_offset, seed_offset + groups·N)``). The
+    scored candidates of a group form one group of :func:`lora_dpo.feedback.pairing.pair_candidates` (``best-worst``: the highest against the lowest score, as online
     DPO pairs them; ``top-bottom-k``, ``all`` with ``min_gap``, ``adjacent``). Each row is one pair, preferred first:
     ``caption``, ``jpg_0`` (preferred) and ``jpg_1`` (rejected) as PNG bytes, ``label_0`` = 1.0, ``score_0``,
     ``score_1``, ``seed_0``, ``seed_1``, and ``candidates`` (N). Pairs with equal scores and prompts whose N scores are
@@ -166,60 +170,78 @@ def build_candidate_set(pipeline_dir, scorer: Scorer | list[Scorer], prompts: li
             combined per prompt by ``vote`` (:data:`VOTES`: ``mean-rank``, the mean of each candidate's rank under
             each scorer; ``majority``, its pairwise wins by most scorers), and the rows' ``score_0`` / ``score_1``
             hold the combined values.
-        prompts: captions, one group of candidates each.
-        candidates: N >= 2 images per prompt.
+        prompts: captions; each gets ``groups_per_prompt`` groups of candidates (rows are written group by group,
+            prompt-major).
+        candidates: N >= 2 images per group.
+        groups_per_prompt: groups of N per prompt (>= 1): with ``best-worst``, the pairs per prompt.
         out_path: the parquet file, written atomically.
-        num_inference_steps, guidance_scale, batch_size: see :func:`lora_dpo.inference.sampling.generate_images`.
+        num_inference_steps, guidance_scale, batch_size, on_batch: see
+            :func:`lora_dpo.inference.sampling.generate_images`.
+        resolution: the images' side in pixels (None: the pipeline's default).
     Returns:
-        report: ``pairs``, ``prompts``, ``candidates``, ``pairing``, ``skipped`` ({reason: count}), ``mean_score``
-        (all candidates), ``mean_gap`` (preferred − rejected), ``mean_best_minus_mean`` (per prompt: the best
-        candidate's score minus the prompt's mean, averaged), ``scorer`` (names joined by ``+``; with several also
+        report: ``pairs``, ``prompts``, ``groups_per_prompt``, ``candidates``, ``pairing``, ``skipped`` ({reason:
+        count}), ``mean_score`` (all candidates), ``mean_gap`` (preferred − rejected), ``mean_best_minus_mean`` (per group: the best
+        candidate's score minus the group's mean, averaged), ``scorer`` (names joined by ``+``; with several also
         ``vote`` and ``mean_score_by_scorer``), ``seed_offset``, ``seed_range``, ``out``.
     Raises:
-        ValueError: no prompts; ``candidates`` < 2; ``seed_offset`` < 0; a bad pairing, k or vote (checked before
-            sampling).
+        ValueError: no prompts; ``candidates`` < 2; ``groups_per_prompt`` < 1; ``seed_offset`` < 0; a bad pairing, k
+            or vote (checked before sampling).
     """
     scorers = list(scorer) if isinstance(scorer, (list, tuple)) else [scorer]
     if vote not in VOTES:
         raise ValueError(f"vote must be one of {', '.join(VOTES)}, not {vote!r}")
     _check_sampling(prompts, "candidates", candidates, 2, seed_offset)
+    if groups_per_prompt < 1:
+        raise ValueError(f"groups_per_prompt must be >= 1, got {groups_per_prompt}")
     pair_candidates(np.arange(candidates, dtype=np.float64)[None], pairing, k=k, min_gap=0.0)  # bad rules fail now
     for each in scorers:
         _check_scorer(each, prompts)
     pipe = load_pipeline(pipeline_dir) if isinstance(pipeline_dir, (str, os.PathLike)) else pipeline_dir
-    seeds = [seed_offset + i for i in range(candidates)]
-    all_prompts = [p for p in prompts for _ in range(candidates)]
-    images = generate_images(pipe, all_prompts, seeds * len(prompts), num_inference_steps=num_inference_steps,
-                             guidance_scale=guidance_scale, batch_size=batch_size)
-    each = np.stack([np.asarray(s.score(images, all_prompts), dtype=np.float64).reshape(len(prompts), candidates)
+    group_prompts = [p for p in prompts for _ in range(groups_per_prompt)]  # group g: prompt g // groups_per_prompt
+    seeds = np.array([[seed_offset + j * candidates + i for i in range(candidates)]
+                      for _ in prompts for j in range(groups_per_prompt)], dtype=np.int64)  # (G, N)
+    all_prompts = [p for p in group_prompts for _ in range(candidates)]
+    images = generate_images(pipe, all_prompts, seeds.ravel().tolist(), num_inference_steps=num_inference_steps,
+                             guidance_scale=guidance_scale, height=resolution, width=resolution,
+                             batch_size=batch_size, on_batch=on_batch)
+    each = np.stack([np.asarray(s.score(images, all_prompts), dtype=np.float64).reshape(len(group_prompts), candidates)
                      for s in scorers])  # (S, G, N)
     scores = each[0] if len(scorers) == 1 else VOTES[vote](each)
     pairs = pair_candidates(scores, pairing, k=k, min_gap=min_gap)
-    win = pairs.group * candidates + pairs.preferred  # index into images / all_prompts
-    lose = pairs.group * candidates + pairs.rejected
-    table = pa.table({
-        "caption": pa.array([prompts[g] for g in pairs.group], pa.string()),
-        "jpg_0": pa.array([png_bytes(images[i]) for i in win], pa.binary()),
-        "jpg_1": pa.array([png_bytes(images[i]) for i in lose], pa.binary()),
-        "label_0": pa.array(np.ones(len(win)), pa.float64()),
-        "score_0": pa.array(scores.ravel()[win]), "score_1": pa.array(scores.ravel()[lose]),
-        "seed_0": pa.array(np.asarray(seeds, dtype=np.int64)[pairs.preferred]),
-        "seed_1": pa.array(np.asarray(seeds, dtype=np.int64)[pairs.rejected]),
-        "candidates": pa.array(np.full(len(win), candidates, dtype=np.int64)),
-    })
+    table = _pairs_table(pairs, group_prompts, images, scores, seeds)
     out_path = Path(out_path)
     with atomic_path(out_path) as tmp:
         pq.write_table(table, tmp)
     return {
-        "pairs": len(win), "prompts": len(prompts), "candidates": candidates, "pairing": pairing,
+        "pairs": len(pairs.group), "prompts": len(prompts), "groups_per_prompt": groups_per_prompt, "candidates": candidates,
+        "pairing": pairing,
         "skipped": dict(pairs.skipped), "mean_score": float(scores.mean()),
-        "mean_gap": float(pairs.gap.mean()) if len(win) else None,
+        "mean_gap": float(pairs.gap.mean()) if len(pairs.group) else None,
         "mean_best_minus_mean": float((scores.max(1) - scores.mean(1)).mean()),
         "scorer": "+".join(getattr(s, "name", type(s).__name__) for s in scorers),
         **({"vote": vote, "mean_score_by_scorer": {getattr(s, "name", type(s).__name__): float(e.mean())
                                                    for s, e in zip(scorers, each)}} if len(scorers) > 1 else {}),
-        "seed_offset": seed_offset, "seed_range": [seed_offset, seed_offset + candidates], "out": str(out_path),
+        "seed_offset": seed_offset, "seed_range": [seed_offset, seed_offset + groups_per_prompt * candidates],
+        "out": str(out_path),
     }
+
+
+def _pairs_table(pairs: Pairs, group_prompts: list[str], images: list[Image.Image], scores: np.ndarray,
+                 seeds: np.ndarray) -> pa.Table:
+    """:func:`build_candidate_set`'s rows, one per pair, preferred first: the groups' captions, the images (flat,
+    group-major) as PNG, the scores and seeds ``(G, N)`` of both candidates."""
+    candidates = scores.shape[1]
+    win = pairs.group * candidates + pairs.preferred  # index into the flat images
+    lose = pairs.group * candidates + pairs.rejected
+    return pa.table({
+        "caption": pa.array([group_prompts[g] for g in pairs.group], pa.string()),
+        "jpg_0": pa.array([png_bytes(images[i]) for i in win], pa.binary()),
+        "jpg_1": pa.array([png_bytes(images[i]) for i in lose], pa.binary()),
+        "label_0": pa.array(np.ones(len(win)), pa.float64()),
+        "score_0": pa.array(scores.ravel()[win]), "score_1": pa.array(scores.ravel()[lose]),
+        "seed_0": pa.array(seeds.ravel()[win]), "seed_1": pa.array(seeds.ravel()[lose]),
+        "candidates": pa.array(np.full(len(win), candidates, dtype=np.int64)),
+    })
 
 
 def _label_stats(captions: list[str], labels: np.ndarray, scores: np.ndarray) -> dict[str, Any]:

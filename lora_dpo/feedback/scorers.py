@@ -254,12 +254,16 @@ def load_scorer(spec: str, *, device: str | torch.device | None = None, batch_si
     scorers.
 
     Raises:
+        FileNotFoundError: a path (``a/b``) to no folder.
         ValueError: any other spec (the message lists the options), or a folder of a known kind that cannot be
             used (checked before loading weights where possible; the message says what is wrong).
     """
     if spec == "jpeg":
         return JpegCompressibilityScorer()
     folder = Path(spec)
+    if not folder.exists() and len(folder.parts) > 1:  # a path (a bare word gets the list of options below)
+        raise FileNotFoundError(f"scorer {spec!r} not found: give 'jpeg' or an existing scorer folder (digit "
+                                f"classifier, aesthetic predictor or CLIP / PickScore)")
     if (folder / CLASSIFIER_CONFIG).is_file():
         return DigitClassifierScorer.from_pretrained(folder)
     if (folder / AESTHETIC_CONFIG).is_file():

@@ -1,5 +1,6 @@
 """The side-by-side grid of images: per prompt, a label strip, the base row above the tuned (or adapter) row, one
-column per seed. ``lora-dpo generate`` and ``lora-dpo eval`` draw it; the training curves are in
+column per seed; optionally a coloured frame around chosen columns (``lora-dpo eval`` marks the comparisons the
+tuning fixed, green, or broke, red). ``lora-dpo generate`` and ``lora-dpo eval`` draw it; the training curves are in
 :mod:`lora_dpo.evaluation.figures`."""
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ SIDE_WIDTH = 44
 TILE_TARGET = 96  # small images are enlarged (NEAREST, by an integer factor) to about this size
 MAX_TILE = 256  # large images are shrunk to this size
 ELLIPSIS = "..."  # ends a label cut to the grid's width
+# Column marks: a frame of FRAME_WIDTH pixels, drawn inside both tiles (base and tuned) of a marked column.
+MARK_COLORS = {"fixed": (0, 170, 0), "broken": (220, 0, 0)}
+FRAME_WIDTH = 3
 
 
 def tile_size(side: int) -> int:
@@ -70,26 +74,56 @@ def word_gap(measure: Callable[[str], float]) -> float:
     return max(measure(" "), 0.6 * measure("n"))
 
 
+def _check_marks(marks: Sequence[Sequence[str | None]], n_prompts: int) -> None:
+    """Raise ValueError unless ``marks`` holds one sequence per prompt of :data:`MARK_COLORS` keys or None."""
+    if len(marks) != n_prompts:
+        raise ValueError(f"{len(marks)} rows of marks for {n_prompts} prompts: need one per prompt")
+    unknown = {m for row in marks for m in row if m is not None and m not in MARK_COLORS}
+    if unknown:
+        raise ValueError(f"unknown marks {sorted(unknown)}: use {sorted(MARK_COLORS)} or None")
+
+
+def _draw_marks(draw: ImageDraw.ImageDraw, row_marks: Sequence[str | None], y0: int, tile: int) -> None:
+    """Frame both tiles (base row at ``y0``, tuned row below) of each marked column: :data:`FRAME_WIDTH` pixels of
+    the mark's colour along the tiles' inner edges."""
+    for j, mark in enumerate(row_marks):
+        if mark is None:
+            continue
+        x = SIDE_WIDTH + j * tile
+        for y in (y0, y0 + tile):
+            draw.rectangle((x, y, x + tile - 1, y + tile - 1), outline=MARK_COLORS[mark], width=FRAME_WIDTH)
+
+
 def make_grid(prompts: Sequence[str], base_rows: Sequence[Sequence[Image.Image]],
-              tuned_rows: Sequence[Sequence[Image.Image]], *, tile: int | None = None) -> Image.Image:
+              tuned_rows: Sequence[Sequence[Image.Image]], *, tile: int | None = None,
+              marks: Sequence[Sequence[str | None]] | None = None, min_cols: int = 0) -> Image.Image:
     """Side-by-side picture: for each prompt, its text on a grey strip, then the base row, then the tuned row.
 
     Column j of both rows should come from the same seed. Tiles are resized to ``tile`` pixels (default
     :func:`tile_size` of the first image): NEAREST when enlarging (pixels stay crisp), LANCZOS when shrinking.
     The row names (``base``, ``tuned``) sit in a left column. Each prompt is one line, its spaces kept and a prompt
-    too long for the grid's width cut after a whole word (:func:`layout_label`). Size: exactly :func:`grid_size` ``(len(prompts),
-    longest row, tile)``.
+    too long for the grid's width cut after a whole word (:func:`layout_label`). Size: exactly :func:`grid_size`
+    ``(len(prompts), max(longest row, min_cols), tile)``.
+
+    ``marks`` (optional; per prompt, per column: ``"fixed"``, ``"broken"`` or None, a row may be shorter than its
+    images) frames both tiles of a marked column, base and tuned, :data:`FRAME_WIDTH` pixels wide inside the
+    tiles (the grid keeps its size): caption: "green frame: the tuning fixed this comparison (tuned read as the
+    prompted digit, base not); red frame: it broke it (the reverse); no frame: unchanged". ``min_cols``: at least
+    this many columns wide (room for long labels); missing tiles stay white.
 
     Raises:
-        ValueError: the numbers of prompts, base rows and tuned rows differ, or the rows hold no image.
+        ValueError: the numbers of prompts, base rows and tuned rows (and rows of ``marks``) differ, the rows hold
+            no image, or a mark is not one of :data:`MARK_COLORS`.
     """
     if not (len(prompts) == len(base_rows) == len(tuned_rows)) or not prompts:
         raise ValueError(f"{len(prompts)} prompts, {len(base_rows)} base rows, {len(tuned_rows)} tuned rows: "
                          "need one base and one tuned row per prompt")
+    if marks is not None:
+        _check_marks(marks, len(prompts))
     images = [im for row in (*base_rows, *tuned_rows) for im in row]
     if not images:
         raise ValueError("the rows hold no image")
-    n_cols = max(len(row) for row in (*base_rows, *tuned_rows))
+    n_cols = max(min_cols, *(len(row) for row in (*base_rows, *tuned_rows)))
     tile = tile or tile_size(max(images[0].size))
     width, height = grid_size(len(prompts), n_cols, tile)
     canvas = Image.new("RGB", (width, height), "white")
@@ -107,4 +141,6 @@ def make_grid(prompts: Sequence[str], base_rows: Sequence[Sequence[Image.Image]]
             for j, im in enumerate(row):
                 resample = Image.Resampling.NEAREST if tile >= max(im.size) else Image.Resampling.LANCZOS
                 canvas.paste(im.convert("RGB").resize((tile, tile), resample), (SIDE_WIDTH + j * tile, y))
+        if marks is not None:
+            _draw_marks(draw, marks[i], y0 + LABEL_HEIGHT, tile)
     return canvas

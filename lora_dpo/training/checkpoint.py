@@ -86,7 +86,7 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _digest(path: Path, sync: bool = False) -> dict[str, Any]:
+def file_digest(path: Path, sync: bool = False) -> dict[str, Any]:
     """``{"sha256", "bytes"}`` of a file; with ``sync``, its data is also flushed to the disk (fsync)."""
     sha, size = hashlib.sha256(), 0
     with open(path, "rb") as fh:
@@ -145,7 +145,7 @@ def verify_checkpoint(path: str | Path) -> None:
         if size != entry["bytes"]:
             raise CheckpointError(f"checkpoint {path}: {name} has {size} bytes, {MANIFEST} says {entry['bytes']} "
                                   f"(truncated or overwritten); {_ADVICE}")
-        if _digest(file)["sha256"] != entry["sha256"]:
+        if file_digest(file)["sha256"] != entry["sha256"]:
             raise CheckpointError(f"checkpoint {path}: the SHA-256 of {name} differs from {MANIFEST} (the file is "
                                   f"corrupt); {_ADVICE}")
 
@@ -271,7 +271,7 @@ def _write_manifest(folder: Path, step: int) -> None:
         if path.is_dir():
             folders.append(path)
         elif rel not in (MANIFEST, _MANIFEST_TMP):
-            files[rel] = _digest(path, sync=True)
+            files[rel] = file_digest(path, sync=True)
     _write_text(folder / _MANIFEST_TMP, json.dumps({"format": FORMAT_VERSION, "step": step, "files": files}, indent=2))
     _replace(folder / _MANIFEST_TMP, folder / MANIFEST)
     for path in reversed(folders):  # deepest first
