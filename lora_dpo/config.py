@@ -574,10 +574,14 @@ def _resolve_recipe_paths(data: dict[str, Any], recipe: Path) -> None:
             node[key] = _resolved(value, recipe)
 
 
+# Values of input keys that name a built-in, never a path: the digits world's prompts, the JPEG scorer.
+_BUILT_INS = {"digits", "jpeg"}
+
+
 def _resolved(value: Any, recipe: Path) -> Any:
     """One input path of a recipe file, as :func:`_resolve_recipe_paths` reads it (anything else unchanged)."""
-    if not isinstance(value, str) or not value or value.startswith("~") or Path(value).is_absolute() \
-            or _exists(Path(value)):
+    if not isinstance(value, str) or not value or value in _BUILT_INS or value.startswith("~") \
+            or Path(value).is_absolute() or _exists(Path(value)):
         return value
     for folder in recipe.resolve().parents:
         if _exists(folder / value):

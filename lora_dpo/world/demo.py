@@ -29,6 +29,7 @@ from PIL import Image, ImageFilter
 from lora_dpo.config import load_config
 from lora_dpo.evaluation.run import evaluate_run
 from lora_dpo.feedback.prompts import load_prompts
+from lora_dpo.iterate.loop import IterateResult, iterate
 from lora_dpo.training.recipe import train
 from lora_dpo.training.setup import torch_threads
 from lora_dpo.world.build import WORLD_DIR
@@ -36,6 +37,7 @@ from lora_dpo.world.build import WORLD_DIR
 log = logging.getLogger(__name__)
 
 DIGITS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "digits" / "lora_dpo.yaml"
+ITERATE_RECIPE = DIGITS_RECIPE.with_name("iterate.yaml")
 # Torch intra-op threads for the demo (the digits world's model is small: many small ops, each too short to gain
 # from a second thread and badly slowed by one when another process shares the cores). None: torch's own default
 # (one per core). `benchmarks/demo_threads.py` measures the choice; this line is the default `lora-dpo demo` uses.
@@ -131,6 +133,29 @@ def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] 
         result, report = _train_and_evaluate(recipe, overrides, seeds_per_prompt, progress)
         report["torch_threads"] = threads
     return result, report
+
+
+def iterate_demo(rounds: int, overrides: list[str] = (), num_threads: int | None = DEMO_NUM_THREADS,
+                 progress: bool = True) -> IterateResult:
+    """``lora-dpo demo --rounds R``: ``recipes/digits/iterate.yaml`` on the committed digits world, ``rounds`` rounds of
+    online DPO (:func:`lora_dpo.iterate.loop.iterate`: best-worst pairs of 8 of the policy's own samples, each round
+    against the previous one), each evaluated against the base and the previous round. Started again, it resumes
+    (a finished run prints its table at once).
+
+    Args:
+        num_threads: torch intra-op threads for the whole run (``train.num_threads``; None: torch's default).
+    Raises:
+        FileNotFoundError: the digits world is missing. ValueError: ``rounds`` < 1.
+    """
+    if rounds < 1:
+        raise ValueError(f"--rounds {rounds}: give at least 1 round")
+    if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
+        raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
+    cfg = load_config(ITERATE_RECIPE, [
+        f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}", f"iterate.scorer=[{WORLD_DIR / 'scorer'}]",
+        f"iterate.heldout_pairs={WORLD_DIR / 'prefs' / 'heldout.parquet'}", f"iterate.rounds={rounds}",
+        f"train.num_threads={'null' if num_threads is None else num_threads}", *overrides])
+    return iterate(cfg, progress=progress)
 
 
 def _train_and_evaluate(recipe: str | Path, overrides: list[str], seeds_per_prompt: int,
