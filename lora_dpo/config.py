@@ -366,7 +366,7 @@ class IterateConfig(_Section):
     eval_seeds_per_prompt: int = Field(40, gt=0)
     eval_seed_offset: int = Field(10_000, ge=0)
     heldout_pairs: str | None = None
-    implicit_draws: int = Field(32, gt=0)
+    implicit_draws: int = Field(256, gt=0)  # draws per held-out pair (lora-dpo eval's default: its error < 0.01)
 
     @property
     def seeds_per_round(self) -> int:

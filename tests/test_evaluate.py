@@ -228,7 +228,7 @@ def trained_run(tiny_sd15, photo_pairs, tmp_path_factory) -> Path:
 def evaluated(trained_run, photo_pairs, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("eval") / "out"
     report = evaluate_run(trained_run, scorer_spec="jpeg", prompts=PROMPTS, seeds_per_prompt=SEEDS,
-                          heldout_pairs=photo_pairs, max_heldout_pairs=8, num_inference_steps=STEPS,
+                          heldout_pairs=photo_pairs, max_heldout_pairs=8, implicit_draws=4, num_inference_steps=STEPS,
                           out_dir=out, save_images=True)
     return report, out
 
@@ -445,11 +445,15 @@ def test_against_another_adapter_leaves_the_tuned_images_alone(evaluated, traine
     assert report["reward_tuned_mean"] == plain["reward_tuned_mean"]
 
 
-def test_cli_eval_against_its_own_adapter_ties_everything(trained_run, tmp_path, capsys):
+def test_cli_eval_against_its_own_adapter_ties_everything(trained_run, photo_pairs, tmp_path, capsys):
     code = main(["eval", str(trained_run), "--scorer", "jpeg", "--prompts", "digits", "--seeds-per-prompt", "1",
-                 "--steps", "2", "--against", str(trained_run), "--out", str(tmp_path), "--save-images"])
+                 "--steps", "2", "--against", str(trained_run), "--out", str(tmp_path), "--save-images",
+                 "--heldout-pairs", str(photo_pairs), "--max-heldout-pairs", "3", "--implicit-draws", "2"])
     assert code == 0
     out = capsys.readouterr().out
+    implicit = json.loads((tmp_path / "eval.json").read_text())["implicit_reward"]
+    assert implicit["draws"] == 2 and implicit["n_pairs"] == 3
+    assert f"{implicit['accuracy']:.3f} ± {implicit['accuracy_se_draws']:.3f} (draws)" in out
     assert out.splitlines()[0].startswith(f"eval of {trained_run} against {trained_run}: ")
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["settings"]["reference_adapter"] == str(trained_run)

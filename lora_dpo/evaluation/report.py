@@ -170,8 +170,10 @@ def format_summary(report: dict[str, Any]) -> str:
                  f"{num(report['diversity_tuned'])}, ratio tuned/base {num(report['diversity_ratio'])}")
     implicit = report.get("implicit_reward")
     if implicit:
-        lines.append(f"  implicit-reward accuracy {num(implicit['accuracy'])} on {implicit['n_pairs']} "
-                     f"held-out pairs (K={implicit['draws']}), mean margin "
+        se = implicit.get("accuracy_se_draws")
+        lines.append(f"  implicit-reward accuracy {num(implicit['accuracy'])}"
+                     + (f" ± {se:.3f} (draws)" if se is not None else "")
+                     + f" on {implicit['n_pairs']} held-out pairs (K={implicit['draws']}), mean margin "
                      f"{num(implicit['margin_mean'], '.4g')}")
     files = report["files"]
     lines.append(f"  report: {files['eval_json']}")

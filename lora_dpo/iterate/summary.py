@@ -115,16 +115,18 @@ def format_rounds(rounds: list[dict[str, Any]]) -> str:
     def num(value: Any, fmt: str) -> str:
         return "n/a" if value is None else format(value, fmt)
 
-    lines = ["round  pairs  loss@1  win vs base [95% CI]   vs prev  accuracy (pts)  diversity  implicit acc  "
+    lines = ["round  pairs  loss@1  win vs base [95% CI]   vs prev  accuracy (pts)  diversity  implicit acc ± se  "
              "fixed/broken"]
     for s in rounds:
         b, p = s["vs_base"], s.get("vs_previous") or {}
         lo, hi = b["win_rate_ci95"]
         implicit = b.get("implicit_reward") or {}
+        se = implicit.get("accuracy_se_draws")
+        implicit_cell = num(implicit.get("accuracy"), ".3f") + (f" ± {se:.3f}" if se is not None else "")
         acc = (f"{100 * b['accuracy_tuned']:.1f}% ({b['accuracy_delta_points']:+.1f})"
                if b.get("accuracy_tuned") is not None else "n/a")
         lines.append(f"{s['round']:>5}  {s['prefs']['pairs']:>5}  {num(s['train']['loss_first'], '.4f'):>6}  "
                      f"{b['win_rate']:.3f} [{lo:.3f}, {hi:.3f}]  {num(p.get('win_rate'), '.3f'):>7}  {acc:>14}  "
-                     f"{num(b['diversity_ratio'], '.2f'):>9}  {num(implicit.get('accuracy'), '.3f'):>12}  "
+                     f"{num(b['diversity_ratio'], '.2f'):>9}  {implicit_cell:>16}  "
                      f"{num(b.get('fixed'), 'd')}/{num(b.get('broken'), 'd')}")
     return "\n".join(lines)

@@ -43,6 +43,11 @@ ITERATE_RECIPE = DIGITS_RECIPE.with_name("iterate.yaml")
 # (one per core). `benchmarks/demo_threads.py` measures the choice; this line is the default `lora-dpo demo` uses.
 DEMO_NUM_THREADS: int | None = 1
 
+# Draws per held-out pair for the demo's implicit-reward accuracy. `lora-dpo eval` uses 256 (its standard error from
+# the draws under 0.01); 256 would add about 5 minutes to a demo that must stay near 3, so the demo takes 4 and prints
+# that error with it (0.022 on the digits world: benchmarks/results/implicit_draws_cpu.json).
+DEMO_IMPLICIT_DRAWS = 4
+
 # (file, caption); files from skimage/data unless marked sklearn.
 PHOTOS = [
     ("astronaut.png", "a photo of an astronaut"), ("chelsea.png", "a photo of a cat"),
@@ -172,7 +177,7 @@ def _train_and_evaluate(recipe: str | Path, overrides: list[str], seeds_per_prom
     report = evaluate_run(
         result.run_dir, scorer_spec=str(WORLD_DIR / "scorer"), prompts=load_prompts("digits"),
         seeds_per_prompt=seeds_per_prompt, heldout_pairs=str(WORLD_DIR / "prefs" / "heldout.parquet"),
-        progress=progress,
+        implicit_draws=DEMO_IMPLICIT_DRAWS, progress=progress,
     )
     report["train_time_s"] = train_time_s
     return result, report
