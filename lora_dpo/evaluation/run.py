@@ -331,8 +331,7 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
             seeds_per_prompt comparisons, each a base and a tuned image from one prompt and one seed.
         heldout_pairs: Pick-a-Pic-schema pairs for :func:`lora_dpo.evaluation.implicit_reward.implicit_reward_accuracy`
             (skipped when None); ``max_heldout_pairs`` keeps the first ones, ``implicit_draws`` is K (default
-            :data:`IMPLICIT_DRAWS`: on the digits world's 200 held-out pairs, the accuracy's standard error from the
-            draws is 0.022 at K = 4, 0.016 at 32, 0.012 at 128 and 0.009 at 256, ``benchmarks/implicit_draws.py``).
+            :data:`IMPLICIT_DRAWS`; the error from the draws by K: ``benchmarks/implicit_draws.py``).
         num_inference_steps, guidance_scale: sampler settings, the same for base and tuned (None: the recipe's
             ``model.guidance_scale``, FLUX.1-dev's trained guidance, else 3.0). Images
             are ``data.resolution`` pixels square (the training resolution; passed explicitly, which FLUX's pipeline
