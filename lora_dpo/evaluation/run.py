@@ -333,9 +333,8 @@ def evaluate_run(run_dir: str | Path, *, base_model: str | None = None, scorer_s
             (skipped when None); ``max_heldout_pairs`` keeps the first ones, ``implicit_draws`` is K (default
             :data:`IMPLICIT_DRAWS`; the error from the draws by K: ``benchmarks/implicit_draws.py``).
         num_inference_steps, guidance_scale: sampler settings, the same for base and tuned (None: the recipe's
-            ``model.guidance_scale``, FLUX.1-dev's trained guidance, else 3.0). Images
-            are ``data.resolution`` pixels square (the training resolution; passed explicitly, which FLUX's pipeline
-            needs: its default is 1024 px), sampled by the family's pipeline and its own scheduler.
+            ``model.guidance_scale``, FLUX.1-dev's trained guidance, else 3.0). Images are ``data.resolution`` pixels
+            square (passed explicitly: FLUX's pipeline defaults to 1024 px), sampled by the family's pipeline.
         grid_prompts, grid_seeds: prompts (pairs of rows) and seeds (columns) shown in the grid.
         batch_size: images per pipeline call.
         device: default ``cuda`` when available, else ``cpu``.
