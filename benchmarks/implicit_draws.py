@@ -37,11 +37,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from accelerate.state import AcceleratorState, PartialState
 
 from lora_dpo.config import load_config
 from lora_dpo.evaluation.implicit_reward import draw_standard_error, implicit_reward_accuracy
-from lora_dpo.training.recipe import train
+from lora_dpo.training.recipe import reset_accelerate_state, train
 from lora_dpo.training.setup import torch_threads
 from lora_dpo.world.build import WORLD_DIR
 from lora_dpo.world.demo import DIGITS_RECIPE
@@ -60,8 +59,7 @@ def train_run(work: Path, seed: int, overrides: list[str]) -> tuple[Path, float]
     t0 = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - t0
-    AcceleratorState._reset_state(reset_partial_state=True)  # a later train() in this process starts afresh
-    PartialState._reset_state()
+    reset_accelerate_state()  # a later train() in this process starts afresh
     return Path(result.run_dir), seconds
 
 

@@ -90,7 +90,7 @@ def table() -> str:
         if not path.is_file():
             continue
         runs = json.loads(path.read_text())["runs"]
-        for r in sorted({len(run["rounds"]) for run in runs} | {1}):
+        for r in range(1, max(len(run["rounds"]) for run in runs) + 1):
             rows = [_row(run["rounds"][r - 1]) for run in runs if len(run["rounds"]) >= r]
             if not rows:
                 continue

@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate.state import AcceleratorState, PartialState
 from tqdm.auto import tqdm
 
 from lora_dpo.config import RecipeConfig
@@ -51,7 +50,7 @@ from lora_dpo.iterate.summary import round_summary, write_summary
 from lora_dpo.models.lora_files import WEIGHT_NAME, check_adapter_fits_model, load_adapter
 from lora_dpo.models.pretrained import DTYPES
 from lora_dpo.training import checkpoint as ckpt
-from lora_dpo.training.recipe import train
+from lora_dpo.training.recipe import reset_accelerate_state, train
 from lora_dpo.training.run_folder import RunLock
 from lora_dpo.training.setup import recipe_family, torch_threads
 
@@ -265,8 +264,7 @@ def _train(cfg: RecipeConfig, folder: Path, previous: str | None) -> None:
     try:
         result = train(round_cfg)
     finally:  # a later train() in this process starts afresh
-        AcceleratorState._reset_state(reset_partial_state=True)
-        PartialState._reset_state()
+        reset_accelerate_state()
     if result.interrupted:
         raise _Stopped(result.interrupted)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, gather_object, set_seed
 from tqdm.auto import tqdm
 
@@ -436,3 +437,11 @@ def train(cfg: RecipeConfig) -> TrainResult:
     with PreferenceRecipe(cfg) as recipe:
         recipe.setup()
         return recipe.train()
+
+
+def reset_accelerate_state() -> None:
+    """Forget accelerate's process-wide state (the accelerator, its mixed precision, the process group's view), so that
+    a later :func:`train` in this process builds its ``Accelerator`` afresh: the demo, ``lora-dpo iterate`` and the
+    benchmarks train several recipes in one process."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()

@@ -23,14 +23,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import skimage.data
 import sklearn.datasets
-from accelerate.state import AcceleratorState, PartialState
 from PIL import Image, ImageFilter
 
 from lora_dpo.config import load_config
 from lora_dpo.evaluation.run import evaluate_run
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.iterate.loop import IterateResult, iterate
-from lora_dpo.training.recipe import train
+from lora_dpo.training.recipe import reset_accelerate_state, train
 from lora_dpo.training.setup import torch_threads
 from lora_dpo.world.build import WORLD_DIR
 
@@ -171,8 +170,7 @@ def _train_and_evaluate(recipe: str | Path, overrides: list[str], seeds_per_prom
     started = time.perf_counter()
     result = train(cfg)
     train_time_s = time.perf_counter() - started
-    AcceleratorState._reset_state(reset_partial_state=True)  # a later train() in this process starts afresh
-    PartialState._reset_state()
+    reset_accelerate_state()  # a later train() in this process starts afresh
     log.info("evaluating %s against the base model", result.run_dir)
     report = evaluate_run(
         result.run_dir, scorer_spec=str(WORLD_DIR / "scorer"), prompts=load_prompts("digits"),
