@@ -13,11 +13,12 @@ other seeds' folders (the loop verifies them by their SHA-256 and skips the samp
 
     python benchmarks/iterate_digits.py --pairing best-worst --seeds 0 1 2     # one process per pairing
     python benchmarks/iterate_digits.py --pairing adjacent --seeds 0 1 2
+    python benchmarks/iterate_digits.py --pairing best-worst --variant beta1000 --seeds 0 loss.beta=1000
     python benchmarks/iterate_digits.py --table                                # the rows, from the result files
 
-Each (pairing, seed) appends to ``benchmarks/results/iterate_digits_cpu_<pairing>.json`` as it finishes. Two
-processes at one torch thread each share the 2-core machine; the figures are win rates and accuracies, not timings
-(times are recorded, but only indicative).
+Each (pairing, seed) appends to ``benchmarks/results/iterate_digits_cpu_<pairing>[_<variant>].json`` as it
+finishes. Two processes at one torch thread each share the 2-core machine; the figures are win rates and
+accuracies, not timings (times are recorded, but only indicative).
 """
 
 from __future__ import annotations
@@ -38,12 +39,17 @@ TARGETS = {"win_rate_1": 0.80, "accuracy_points_1": 15.0, "win_rate_3": 0.90, "a
            "diversity_3": 0.8, "implicit_3": 0.65}
 
 
-def run_one(pairing: str, seed: int, rounds: int, work: Path, overrides: list[str]) -> dict:
-    """One iterated run; returns its rounds (``round.json``) and the time it took."""
+def _name(pairing: str, variant: str | None) -> str:
+    return pairing if variant is None else f"{pairing}_{variant}"
+
+
+def run_one(pairing: str, seed: int, rounds: int, work: Path, overrides: list[str], variant: str | None = None) -> dict:
+    """One iterated run; returns its rounds (``round.json``) and the time it took. A variant (other training
+    overrides) shares the pairing's round-1 pairs, which come from the base alone."""
     from lora_dpo.config import load_config  # the stages load after the arguments parsed
     from lora_dpo.iterate.loop import iterate
 
-    out = work / pairing / f"seed_{seed}"
+    out = work / _name(pairing, variant) / f"seed_{seed}"
     first = work / pairing / "round_1_pairs"
     if first.is_dir() and not (out / "round_1" / "prefs.json").is_file():
         (out / "round_1").mkdir(parents=True, exist_ok=True)
@@ -58,8 +64,8 @@ def run_one(pairing: str, seed: int, rounds: int, work: Path, overrides: list[st
         first.mkdir(parents=True)
         for name in ("prefs.parquet", "prefs.json"):
             shutil.copyfile(out / "round_1" / name, first / name)
-    return {"pairing": pairing, "seed": seed, "rounds": result.rounds, "wall_s": time.perf_counter() - started,
-            "overrides": overrides}
+    return {"pairing": pairing, "variant": variant, "seed": seed, "rounds": result.rounds,
+            "wall_s": time.perf_counter() - started, "overrides": overrides}
 
 
 def _row(s: dict) -> dict:
@@ -85,11 +91,11 @@ def table() -> str:
     """The issue's rows (mean ± sd over seeds; each seed's value in brackets) from the result files."""
     lines = ["| row | seeds | win rate vs base | accuracy (points) | diversity ratio | implicit-reward acc. | "
              "fixed / broken |", "|---|---|---|---|---|---|---|"]
-    for pairing, label in (("adjacent", "adjacent pairs (today's)"), ("best-worst", "best-worst of N = 8")):
-        path = RESULTS / f"iterate_digits_cpu_{pairing}.json"
-        if not path.is_file():
-            continue
+    for path in sorted(RESULTS.glob("iterate_digits_cpu_*.json")):
         runs = json.loads(path.read_text())["runs"]
+        pairing = runs[0]["pairing"]
+        label = {"adjacent": "adjacent pairs", "best-worst": "best-worst of N = 8"}[pairing]
+        label += f" ({' '.join(runs[0]['overrides'])})" if runs[0]["overrides"] else ""
         for r in range(1, max(len(run["rounds"]) for run in runs) + 1):
             rows = [_row(run["rounds"][r - 1]) for run in runs if len(run["rounds"]) >= r]
             if not rows:
@@ -108,14 +114,15 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", type=Path, default=ROOT / "adapters" / "bench-iterate")
+    parser.add_argument("--variant", default=None, help="a name for runs with other overrides (own folder and file)")
     parser.add_argument("--table", action="store_true", help="only print the rows from the result files")
     args = parser.parse_args()
     if args.table:
         print(table())
         return
-    path = RESULTS / f"iterate_digits_cpu_{args.pairing}.json"
+    path = RESULTS / f"iterate_digits_cpu_{_name(args.pairing, args.variant)}.json"
     for seed in args.seeds:
-        run = run_one(args.pairing, seed, args.rounds, args.work, args.overrides)
+        run = run_one(args.pairing, seed, args.rounds, args.work, args.overrides, args.variant)
         saved = json.loads(path.read_text()) if path.is_file() else {"recipe": str(RECIPE.relative_to(ROOT)),
                                                                         "targets": TARGETS, "runs": []}
         saved["runs"] = [r for r in saved["runs"] if r["seed"] != seed] + [run]
