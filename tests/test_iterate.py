@@ -228,6 +228,7 @@ def _table(path: Path) -> Path:
     ([], ["iterate.groups_per_prompt=3000"], "overlap the evaluation's seeds"),
     (["--rounds", "0"], [], "--rounds 0: give at least 1 round"),
     ([], ["iterate.rounds=0"], "iterate.rounds"),
+    ([], ["train.mode=full", "optim.name=adamw"], "set train.mode=lora"),
 ])
 def test_bad_input_fails_before_sampling(tiny_sd15, inputs, tmp_path, capsys, no_sampling, options, overrides,
                                          message):

@@ -100,10 +100,16 @@ def check_inputs(cfg: RecipeConfig) -> _Inputs:
     and the recipe's options for it, and a starting LoRA that does not fit the model.
 
     Raises:
-        ConfigError: no ``iterate.scorer``. FileNotFoundError / ValueError: see :func:`load_prompts`,
+        ConfigError: no ``iterate.scorer``; ``train.mode=full``; launched as several processes. FileNotFoundError / ValueError: see :func:`load_prompts`,
         :func:`load_scorer`. ModelLoadError: the model cannot be read.
     """
     it = cfg.iterate
+    if cfg.train.mode != "lora":
+        raise ConfigError("lora-dpo iterate trains a LoRA adapter round after round (each round's reference is the "
+                          "previous round's adapter): set train.mode=lora")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("lora-dpo iterate runs as one process (its sampling and evaluation are not distributed); "
+                          "start it without accelerate launch / torchrun")
     if not it.scorer:
         raise ConfigError("iterate.scorer is empty: name at least one scorer ('jpeg', or a folder with "
                           "classifier.json, aesthetic.json or a CLIP config.json), e.g. iterate.scorer=[jpeg]")
