@@ -60,6 +60,8 @@ def run_one(pairing: str, seed: int, rounds: int, work: Path, overrides: list[st
                                "iterate.groups_per_prompt=100", *overrides])
     started = time.perf_counter()
     result = iterate(cfg, progress=False)
+    if result.interrupted:  # nothing to record: the same command resumes the run
+        raise SystemExit(f"{out}: stopped by {result.interrupted} after {len(result.rounds)} round(s)")
     if not first.is_dir():
         first.mkdir(parents=True)
         for name in ("prefs.parquet", "prefs.json"):
