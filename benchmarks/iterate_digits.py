@@ -13,7 +13,7 @@ other seeds' folders (the loop verifies them by their SHA-256 and skips the samp
 
     python benchmarks/iterate_digits.py --pairing best-worst --seeds 0 1 2     # one process per pairing
     python benchmarks/iterate_digits.py --pairing adjacent --seeds 0 1 2
-    python benchmarks/iterate_digits.py --pairing best-worst --variant beta1000 --seeds 0 loss.beta=1000
+    python benchmarks/iterate_digits.py loss.beta=1000 --pairing best-worst --variant beta1000 --seeds 0
     python benchmarks/iterate_digits.py --table                                # the rows, from the result files
 
 Each (pairing, seed) appends to ``benchmarks/results/iterate_digits_cpu_<pairing>[_<variant>].json`` as it
@@ -85,7 +85,7 @@ def _cell(rows: list[dict], key: str, fmt: str) -> str:
     values = [row[key] for row in rows if row[key] is not None]
     if not values:
         return "n/a"
-    sd = f" ± {format(statistics.stdev(values), fmt)}" if len(values) > 1 else ""
+    sd = f" ± {format(statistics.stdev(values), fmt.lstrip('+'))}" if len(values) > 1 else ""
     return f"{format(statistics.mean(values), fmt)}{sd} ({', '.join(format(v, fmt) for v in values)})"
 
 
