@@ -11,13 +11,13 @@ pairs (100 groups a prompt), and is judged on the same 400 held-out comparisons 
 Round 1 samples from the base alone, whatever the train seed: the first seed's round-1 pairs are copied to the
 other seeds' folders (the loop verifies them by their SHA-256 and skips the sampling).
 
-    python benchmarks/iterate_digits.py --pairing best-worst --seeds 0 1 2     # one process per pairing
-    python benchmarks/iterate_digits.py --pairing adjacent --seeds 0 1 2
-    python benchmarks/iterate_digits.py loss.beta=1000 --pairing best-worst --variant beta1000 --seeds 0
+    python benchmarks/iterate_digits.py --pairing best-worst --variant beta1000 --seeds 0 2    # the recipe's β 1000
+    python benchmarks/iterate_digits.py loss.beta=250 --pairing best-worst --variant beta250 --seeds 0 2
+    python benchmarks/iterate_digits.py loss.beta=250 --pairing adjacent --variant beta250 --seeds 0 1 2
     python benchmarks/iterate_digits.py --table                                # the rows, from the result files
 
 Each (pairing, seed) appends to ``benchmarks/results/iterate_digits_cpu_<pairing>[_<variant>].json`` as it
-finishes. Two processes at one torch thread each share the 2-core machine; the figures are win rates and
+finishes. Two or three processes at one torch thread each shared the 2-core machine; the figures are win rates and
 accuracies, not timings (times are recorded, but only indicative).
 """
 
@@ -66,7 +66,7 @@ def run_one(pairing: str, seed: int, rounds: int, work: Path, overrides: list[st
         first.mkdir(parents=True)
         for name in ("prefs.parquet", "prefs.json"):
             shutil.copyfile(out / "round_1" / name, first / name)
-    return {"pairing": pairing, "variant": variant, "seed": seed, "rounds": result.rounds,
+    return {"pairing": pairing, "variant": variant, "seed": seed, "loss_beta": cfg.loss.beta, "rounds": result.rounds,
             "wall_s": time.perf_counter() - started, "overrides": overrides}
 
 
@@ -97,7 +97,7 @@ def table() -> str:
         runs = json.loads(path.read_text())["runs"]
         pairing = runs[0]["pairing"]
         label = {"adjacent": "adjacent pairs", "best-worst": "best-worst of N = 8"}[pairing]
-        label += f" ({' '.join(runs[0]['overrides'])})" if runs[0]["overrides"] else ""
+        label += f", β {runs[0]['loss_beta']:g}"
         for r in range(1, max(len(run["rounds"]) for run in runs) + 1):
             rows = [_row(run["rounds"][r - 1]) for run in runs if len(run["rounds"]) >= r]
             if not rows:
