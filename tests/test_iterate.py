@@ -143,6 +143,12 @@ def test_a_finished_run_resumes_to_more_rounds_and_refuses_another_recipe(two_ro
     (out / "round_2" / "train" / WEIGHT_NAME).write_bytes(b"not the adapter")
     assert main(["iterate", RECIPE, "--rounds", "3", *_argv(tiny_sd15, inputs, out)]) == 2
     assert "differs from the adapter round 2 finished with" in capsys.readouterr().err
+    # output.overwrite starts over: the earlier rounds and results go, another recipe is welcome
+    assert main(["iterate", RECIPE, "--rounds", "1",
+                 *_argv(tiny_sd15, inputs, out, "iterate.candidates=6", "output.overwrite=true")]) == 0
+    assert sorted(p.name for p in out.glob("round_*")) == ["round_1"]
+    assert json.loads((out / "iterate.json").read_text())["settings"]["candidates"] == 6
+    assert (out / WEIGHT_NAME).read_bytes() == (out / "round_1" / "train" / WEIGHT_NAME).read_bytes()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from lora_dpo.feedback.prefs import atomic_path, build_candidate_set
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.feedback.scorers import Scorer, load_scorer
 from lora_dpo.inference.sampling import fused_adapters, load_pipeline
-from lora_dpo.iterate.summary import round_summary, write_summary
+from lora_dpo.iterate.summary import FIGURE_FILE, SUMMARY_FILE, round_summary, write_summary
 from lora_dpo.models.lora_files import WEIGHT_NAME, check_adapter_fits_model, load_adapter
 from lora_dpo.models.pretrained import DTYPES
 from lora_dpo.training import checkpoint as ckpt
@@ -173,6 +173,8 @@ def _prepare_folder(run_dir: Path, cfg: RecipeConfig) -> None:
         log.info("output.overwrite: removing %d earlier round(s) from %s", len(rounds), run_dir)
         for folder in rounds:
             shutil.rmtree(folder)
+        for name in (WEIGHT_NAME, SUMMARY_FILE, FIGURE_FILE):  # the earlier run's results go with its rounds
+            (run_dir / name).unlink(missing_ok=True)
     elif rounds and recipe_file.is_file() and _comparable(recipe_file.read_text()) != _comparable(cfg.to_yaml()):
         raise ConfigError(f"{run_dir} holds the rounds of another recipe ({recipe_file} differs from this one). "
                           "Continue it with its own recipe, pick another output.dir / output.run_name, or pass "
