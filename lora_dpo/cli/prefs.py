@@ -9,7 +9,7 @@ import argparse
 import json
 
 from lora_dpo.feedback.pairing import PAIRINGS
-from lora_dpo.feedback.prefs import build_candidate_set, build_preference_set
+from lora_dpo.feedback.prefs import VOTES, build_candidate_set, build_preference_set
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.feedback.relabel import relabel_preference_set
 from lora_dpo.feedback.scorers import load_scorer
@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'jpeg', or a folder with classifier.json (digits), aesthetic.json (LAION aesthetic "
                              "predictor) or a CLIP config.json (CLIP score / PickScore); repeat it to combine "
                              "scorers by --vote (with --candidates)")
-    parser.add_argument("--vote", default="mean-rank", choices=["mean-rank", "majority"],
+    parser.add_argument("--vote", default="mean-rank", choices=list(VOTES),
                         help="how several --scorer verdicts combine: mean rank per prompt, or pairwise majority")
     parser.add_argument("--adapter", default=None,
                         help="--model: sample from the model plus this LoRA (a run folder or .safetensors file), "

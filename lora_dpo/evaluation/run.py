@@ -59,7 +59,13 @@ from lora_dpo.evaluation.stats import win_outcomes
 from lora_dpo.feedback.prompts import digit_of
 from lora_dpo.feedback.scorers import load_scorer
 from lora_dpo.inference.grids import make_grid
-from lora_dpo.inference.sampling import fused_adapters, generate_images, load_pipeline, quiet_loading
+from lora_dpo.inference.sampling import (
+    fused_adapters,
+    generate_images,
+    load_pipeline,
+    quiet_loading,
+    sampling_guidance,
+)
 from lora_dpo.models.loading import DTYPES, detect_family, read_model_index
 from lora_dpo.models.lora_files import WEIGHT_NAME, check_adapter_fits_model, load_adapter
 
@@ -290,7 +296,7 @@ def _settings(cfg: RecipeConfig, family: str, scorer: Any, scorer_spec: str | An
               reference_adapter: str | Path | None) -> dict[str, Any]:
     """The report's ``settings``: :func:`evaluate_run`'s arguments as used (the guidance scale resolved: the
     argument, else the recipe's, else 3.0; paths as strings). Logs what the evaluation will do."""
-    guidance_scale = next(g for g in (guidance_scale, cfg.model.guidance_scale, 3.0) if g is not None)
+    guidance_scale = sampling_guidance(guidance_scale, cfg.model.guidance_scale)
     log.info("eval: %d prompts x %d seeds = %d comparisons, %d steps, guidance %g, %d px, %s on %s%s",
              len(prompts), seeds_per_prompt, len(prompts) * seeds_per_prompt, num_inference_steps, guidance_scale,
              cfg.data.resolution, family, device, f", against {reference_adapter}" if reference_adapter else "")

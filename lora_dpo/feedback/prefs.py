@@ -9,9 +9,9 @@ Seeds: pair k (k = 0 .. pairs_per_prompt-1) of EVERY prompt uses ``seed_0 = seed
 For a training set and a held-out set with disjoint noise, give the held-out set
 ``seed_offset >= train_offset + 2·train_pairs_per_prompt`` (e.g. train at 0, held-out at 1_000_000).
 
-With ``candidates`` (:func:`build_candidate_set`, ``lora-dpo prefs --candidates N``) each prompt gets N images from
-the seeds ``[seed_offset, seed_offset + N)`` and a pairing rule (:mod:`lora_dpo.feedback.pairing`: best against
-worst, ...) picks the pairs among them.
+With ``candidates`` (:func:`build_candidate_set`, ``lora-dpo prefs --candidates N``) each prompt gets groups of N
+images (group j from the seeds ``[seed_offset + jN, seed_offset + (j+1)N)``), and a pairing rule
+(:mod:`lora_dpo.feedback.pairing`: best against worst, ...) picks the pairs within each group.
 
 Relabelling a real preference set with a scorer (``lora-dpo prefs --relabel``) is in :mod:`lora_dpo.feedback.relabel`.
 """

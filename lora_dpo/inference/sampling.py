@@ -85,6 +85,15 @@ def fused_adapters(pipe) -> Iterator[int]:
                     param.copy_(copy)
 
 
+DEFAULT_GUIDANCE_SCALE = 3.0  # the sampler's guidance when neither the caller nor the recipe sets one
+
+
+def sampling_guidance(given: float | None, model_guidance: float | None) -> float:
+    """The guidance scale to sample a run's model with: ``given``, else the recipe's ``model.guidance_scale``
+    (FLUX.1-dev's distilled guidance, as it trained), else :data:`DEFAULT_GUIDANCE_SCALE`."""
+    return next(g for g in (given, model_guidance, DEFAULT_GUIDANCE_SCALE) if g is not None)
+
+
 def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference_steps: int = 20,
                     guidance_scale: float = 3.0, height: int | None = None, width: int | None = None,
                     batch_size: int = 64, progress: bool = False,

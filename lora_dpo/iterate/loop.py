@@ -45,7 +45,7 @@ from lora_dpo.evaluation.run import evaluate_run
 from lora_dpo.feedback.prefs import atomic_path, build_candidate_set
 from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.feedback.scorers import Scorer, load_scorer
-from lora_dpo.inference.sampling import fused_adapters, load_pipeline
+from lora_dpo.inference.sampling import fused_adapters, load_pipeline, sampling_guidance
 from lora_dpo.iterate.summary import FIGURE_FILE, SUMMARY_FILE, round_summary, write_summary
 from lora_dpo.models.lora_files import WEIGHT_NAME, check_adapter_fits_model, load_adapter
 from lora_dpo.models.pretrained import DTYPES
@@ -124,7 +124,7 @@ def check_inputs(cfg: RecipeConfig) -> _Inputs:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     scorers = [load_scorer(spec, device=device, batch_size=it.sample_batch_size) for spec in it.scorer]
     precision = {"bf16": "bfloat16", "fp16": "float16"}.get(cfg.train.mixed_precision, "float32")
-    guidance = next(g for g in (it.guidance_scale, cfg.model.guidance_scale, 3.0) if g is not None)
+    guidance = sampling_guidance(it.guidance_scale, cfg.model.guidance_scale)
     return _Inputs(prompts, eval_prompts, scorers, device,
                    DTYPES[precision] if device.type == "cuda" else torch.float32, guidance)
 
