@@ -9,6 +9,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -240,3 +241,42 @@ def test_every_loss_of_the_family_trains_on_sigma(loss, tiny_flow, photo_pairs, 
     if "rewards/margins" in rows[0] and loss not in ("mapo", "sft"):
         assert rows[0]["rewards/margins"] == 0
         assert 0.0 < rows[0]["timestep"] < 1000  # σ·1000
+
+
+@pytest.mark.parametrize("family", FLOW)
+def test_a_shorter_t5_tokenizer_sets_the_text_length_of_training_and_sampling(family, tiny_flow, tmp_path):
+    """A pipeline whose T5 tokenizer says its model takes 12 tokens (``model_max_length``, as the digits-sd3 world
+    says 32) is trained and sampled on 12 T5 tokens, not the pipeline's default 256 / 512: the kit's conditioning is
+    the pipeline's at ``max_sequence_length=12``, and ``generate_images`` samples what
+    ``pipe(..., max_sequence_length=12)`` does."""
+    import shutil
+
+    from lora_dpo.inference.sampling import generate_images
+
+    spec = get_family(family)
+    folder = shutil.copytree(tiny_flow[family], tmp_path / family)
+    config_file = folder / spec.t5_tokenizer_name / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "model_max_length": 12}))
+    comps = load_components(RecipeConfig(model={"pretrained_model_name_or_path": str(folder)}).model, torch.float32)
+    captions = ["a photo of a cat", "the digit seven on a white background"]
+    ours = comps.model_family.encode_prompts(comps, captions)
+    pipe = spec.pipeline_class.from_pretrained(folder)
+    if family == "sd3":
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, captions, captions, do_classifier_free_guidance=False,
+                                                  max_sequence_length=12)
+        assert embeds.shape[1] == comps.tokenizers[0].model_max_length + 12
+    else:
+        embeds, pooled, _ = pipe.encode_prompt(captions, captions, max_sequence_length=12)
+        assert embeds.shape[1] == 12
+    assert ours["encoder_hidden_states"].shape == embeds.shape
+    assert (ours["encoder_hidden_states"] - embeds).abs().max() <= _eps_bound(embeds, ops=64 * 2)
+    assert spec.sampling_kwargs(pipe) == {"max_sequence_length": 12}
+
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=2, guidance_scale=3.5, height=32, width=32)
+    ours_image = generate_images(pipe, captions[:1], [3], **kw)[0]
+    direct = [pipe(captions[0], generator=torch.Generator().manual_seed(3), max_sequence_length=n, output_type="pil",
+                   **kw).images[0] for n in (12, spec.max_sequence_length)]
+    assert np.array_equal(np.asarray(ours_image), np.asarray(direct[0].convert("RGB")))
+    assert not np.array_equal(np.asarray(direct[0]), np.asarray(direct[1]))  # the length changes the image

@@ -279,7 +279,8 @@ def generate(model: str, prompt: str | list[str], *, negative_prompt: str = "",
                   dtype=str(DTYPES[dtype]).removeprefix("torch."), device=str(device), adapters=info)
     out_dir.mkdir(parents=True, exist_ok=True)
     passes = ([("base", False)] if grid else []) + [("lora", True)] if info else [("base", False)]
-    call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width)
+    call = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
+                **model_family.sampling_kwargs(pipe))
     images, pictures = _render_passes(pipe, passes, prompts, seeds, negative_prompt, call, common, out_dir, progress)
     grid_file = out_dir / "grid.png" if len(passes) == 2 else None
     if grid_file:

@@ -22,7 +22,7 @@ from diffusers.utils import logging as diffusers_logging
 from peft.tuners.tuners_utils import BaseTunerLayer
 from PIL import Image
 
-from lora_dpo.models.families import family_for_index
+from lora_dpo.models.families import family_for_index, family_of_pipeline
 from lora_dpo.models.pretrained import read_model_index, safetensors_only
 
 
@@ -105,7 +105,8 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
         pipe: a diffusers text-to-image pipeline (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``,
             ``StableDiffusion3Pipeline``, ``FluxPipeline``) whose ``__call__`` takes ``prompt``, ``generator``,
             ``num_inference_steps``, ``guidance_scale``, ``height``, ``width`` and ``output_type``. Its scheduler
-            is used as configured.
+            is used as configured. SD3 / FLUX also get the T5 length their T5 tokenizer allows
+            (:meth:`~lora_dpo.models.families.base.ModelFamily.sampling_kwargs`).
         prompts, seeds: same length N; seeds are integers (``manual_seed`` range).
         num_inference_steps, guidance_scale: passed to the pipeline (classifier-free guidance when > 1; FLUX.1:
             the distilled guidance input of the transformer, one pass per step).
@@ -129,13 +130,14 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], *, num_inference
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     pipe.set_progress_bar_config(disable=not progress)
+    family_kwargs = family_of_pipeline(pipe).sampling_kwargs(pipe)
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         out = pipe(
             prompt=chunk, generator=_generators(seeds[start:start + batch_size]),
             num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height, width=width,
-            output_type="pil",
+            output_type="pil", **family_kwargs,
         )
         images.extend(img.convert("RGB") for img in out.images)
         if on_batch is not None:

@@ -113,24 +113,35 @@ def _t5(seed: int) -> dict:
     return dict(tokenizer=tokenizer, encoder=_seeded(seed, lambda: T5EncoderModel(t5_config(len(tokenizer)))))
 
 
-def _sd3_components(seed: int) -> dict:
-    """The components of a tiny ``StableDiffusion3Pipeline`` (widths in the module docstring)."""
+def sd3_text_components(seed: int = 0, t5_max_length: int = T5_MAX_LENGTH) -> dict:
+    """The six text components of a small ``StableDiffusion3Pipeline``, random weights, keyed as the pipeline takes
+    them: CLIP-L (hidden 16, projection 16), CLIP-G (hidden 32, projection 32), T5 (d_model 64) and their
+    tokenizers. ``t5_max_length``: the T5 tokenizer's ``model_max_length``, the T5 tokens the kit trains and samples
+    with (:meth:`~lora_dpo.models.families.rectified_flow.RectifiedFlowFamily.sequence_length`). A transformer on
+    them takes ``joint_attention_dim = 64`` and ``pooled_projection_dim = 48``."""
     clip_tokenizer = build_tokenizer()
     vocab = len(clip_tokenizer)
-    clip_l = _seeded(seed, lambda: CLIPTextModelWithProjection(text_config(vocab, 16, projection_dim=16)))
-    clip_g = _seeded(seed, lambda: CLIPTextModelWithProjection(text_config(vocab, 32, projection_dim=32)))
-    t5 = _t5(seed)
-    pooled = clip_l.config.projection_dim + clip_g.config.projection_dim
+    t5_tokenizer = build_t5_tokenizer(t5_max_length)
+    return dict(
+        text_encoder=_seeded(seed, lambda: CLIPTextModelWithProjection(text_config(vocab, 16, projection_dim=16))),
+        tokenizer=clip_tokenizer,
+        text_encoder_2=_seeded(seed, lambda: CLIPTextModelWithProjection(text_config(vocab, 32, projection_dim=32))),
+        tokenizer_2=build_tokenizer(),
+        text_encoder_3=_seeded(seed, lambda: T5EncoderModel(t5_config(len(t5_tokenizer)))), tokenizer_3=t5_tokenizer,
+    )
+
+
+def _sd3_components(seed: int) -> dict:
+    """The components of a tiny ``StableDiffusion3Pipeline`` (widths in the module docstring)."""
+    text = sd3_text_components(seed)
+    pooled = text["text_encoder"].config.projection_dim + text["text_encoder_2"].config.projection_dim
     transformer = _seeded(seed, lambda: SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS, num_layers=2,
         attention_head_dim=8, num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=T5_WIDTH,
         pooled_projection_dim=pooled, pos_embed_max_size=16,
     ))
-    return dict(
-        transformer=transformer, vae=_vae("sd3", seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-        text_encoder=clip_l, tokenizer=clip_tokenizer, text_encoder_2=clip_g, tokenizer_2=build_tokenizer(),
-        text_encoder_3=t5["encoder"], tokenizer_3=t5["tokenizer"],
-    )
+    return dict(transformer=transformer, vae=_vae("sd3", seed), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                **text)
 
 
 def _flux_components(seed: int, guidance_embeds: bool) -> dict:

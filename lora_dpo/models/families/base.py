@@ -175,6 +175,12 @@ class ModelFamily(ABC):
         FLUX: ``transformer`` and ``text_encoder_2`` without ``text_encoder_3``.
         """
 
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        """Extra keyword arguments of every call of a loaded pipeline of this family that samples with the kit
+        (evaluation, preference sets, ``lora-dpo generate``): none for the UNet families; the flow families' T5
+        length (:meth:`~lora_dpo.models.families.rectified_flow.RectifiedFlowFamily.sampling_kwargs`)."""
+        return {}
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments of every pipeline the kit opens for sampling and scoring (``from_pretrained``)
         or builds (:meth:`build_tiny_pipeline`): SD1.5 leaves out its safety checker. None by default."""

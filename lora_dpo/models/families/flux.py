@@ -64,6 +64,7 @@ class Flux(RectifiedFlowFamily):
     denoiser_class = FluxTransformer2DModel
     text_parts = (("tokenizer", "text_encoder", CLIPTextModel), ("tokenizer_2", "text_encoder_2", T5EncoderModel))
     max_sequence_length = 512
+    t5_tokenizer_name = "tokenizer_2"
     # Attention (image and text streams, both block kinds), the double blocks' feed-forwards and the single blocks'
     # MLP projections; the model's final ``proj_out`` is excluded (:attr:`lora_exclude_modules`).
     default_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj",
@@ -93,11 +94,12 @@ class Flux(RectifiedFlowFamily):
     @torch.no_grad()
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
         """``{"encoder_hidden_states": (B, 512, 4096), "pooled_projections": (B, 768)}``, as
-        ``FluxPipeline.encode_prompt``: T5's last hidden state over 512 tokens and CLIP-L's pooled output."""
+        ``FluxPipeline.encode_prompt``: T5's last hidden state over 512 tokens (fewer where the pipeline's T5 tokenizer
+        takes fewer: :meth:`sequence_length`) and CLIP-L's pooled output."""
         clip_tok, t5_tok = components.tokenizers
         clip, t5 = components.text_encoders
         pooled = clip(token_ids(clip_tok, captions, clip.device), output_hidden_states=False).pooler_output
-        ids = t5_tok(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+        ids = t5_tok(captions, padding="max_length", max_length=self.sequence_length(t5_tok), truncation=True,
                      return_length=False, return_overflowing_tokens=False, return_tensors="pt").input_ids
         states = t5(ids.to(t5.device), output_hidden_states=False)[0]
         return {"encoder_hidden_states": states, "pooled_projections": pooled.to(states.dtype)}

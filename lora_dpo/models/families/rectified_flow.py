@@ -61,11 +61,27 @@ class RectifiedFlowFamily(ModelFamily):
     """``(tokenizer, text encoder, encoder class)`` component names of the pipeline, in its order."""
     max_sequence_length: ClassVar[int]
     """T5 tokens per caption, the pipeline's default (SD3 256, FLUX 512)."""
+    t5_tokenizer_name: ClassVar[str]
+    """The pipeline component holding T5's tokenizer (SD3 ``tokenizer_3``, FLUX ``tokenizer_2``)."""
     patch_size: ClassVar[int] = 2
     """Latent pixels per token side (both pack 2 x 2 patches)."""
 
     def matches_layout(self, model_index: dict) -> bool:
         return "transformer" in model_index and self._layout(model_index)
+
+    def sequence_length(self, t5_tokenizer) -> int:
+        """T5 tokens per caption: the pipeline's default :attr:`max_sequence_length`, or fewer where the pipeline's
+        own T5 tokenizer says its model takes fewer (``model_max_length`` in ``tokenizer_config.json``; the
+        digits-sd3 world's is 32). The transformer attends to every one of these tokens, padding included, so
+        training and sampling must use the same count: :meth:`encode_prompts` and :meth:`sampling_kwargs` both
+        take it from here. ``t5_tokenizer`` None (a pipeline without T5): the default."""
+        limit = getattr(t5_tokenizer, "model_max_length", None)
+        return min(self.max_sequence_length, int(limit)) if limit else self.max_sequence_length
+
+    def sampling_kwargs(self, pipe) -> dict[str, Any]:
+        """``{"max_sequence_length": n}``: the T5 length :meth:`sequence_length` gives for the pipeline's T5
+        tokenizer, which the diffusers pipelines otherwise set to their default whatever the model was trained on."""
+        return {"max_sequence_length": self.sequence_length(getattr(pipe, self.t5_tokenizer_name, None))}
 
     @abstractmethod
     def _layout(self, model_index: dict) -> bool:

@@ -56,6 +56,7 @@ class SD3(RectifiedFlowFamily):
                   ("tokenizer_2", "text_encoder_2", CLIPTextModelWithProjection),
                   ("tokenizer_3", "text_encoder_3", T5EncoderModel))
     max_sequence_length = 256
+    t5_tokenizer_name = "tokenizer_3"
     # The attention of every joint block, image and caption streams (diffusers' SD3 LoRA training script's default).
     default_target_modules = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
@@ -82,10 +83,11 @@ class SD3(RectifiedFlowFamily):
 
     @torch.no_grad()
     def encode_prompts(self, components: Components, captions: list[str]) -> dict[str, torch.Tensor]:
-        """``{"encoder_hidden_states": (B, L_clip + 256, 4096), "pooled_projections": (B, 2048)}``, as
+        """``{"encoder_hidden_states": (B, L_clip + L_t5, 4096), "pooled_projections": (B, 2048)}``, as
         ``StableDiffusion3Pipeline.encode_prompt``: the CLIP-L and CLIP-G penultimate states concatenated
-        (768 + 1280), zero-padded to T5's width and followed by T5's 256 tokens; the two pooled projections
-        concatenated. A pipeline without T5 gets zeros in its place."""
+        (768 + 1280), zero-padded to T5's width and followed by T5's ``L_t5`` tokens (256 unless the pipeline's T5
+        tokenizer takes fewer: :meth:`sequence_length`); the two pooled projections concatenated. A pipeline
+        without T5 gets 256 zero tokens in its place."""
         clip_states, pooled = [], []
         for tokenizer, encoder in zip(components.tokenizers[:2], components.text_encoders[:2]):
             out = encoder(token_ids(tokenizer, captions, encoder.device), output_hidden_states=True)
@@ -94,7 +96,7 @@ class SD3(RectifiedFlowFamily):
         clip = torch.cat(clip_states, dim=-1)
         if len(components.text_encoders) > 2 and components.text_encoders[2] is not None:
             t5_tok, t5 = components.tokenizers[2], components.text_encoders[2]
-            ids = t5_tok(captions, padding="max_length", max_length=self.max_sequence_length, truncation=True,
+            ids = t5_tok(captions, padding="max_length", max_length=self.sequence_length(t5_tok), truncation=True,
                          add_special_tokens=True, return_tensors="pt").input_ids.to(t5.device)
             t5_states = t5(ids)[0].to(clip.dtype)
         else:
