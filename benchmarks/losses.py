@@ -13,6 +13,10 @@ the same pairs read as labeled images (preferred: desirable), 64 images per step
     python benchmarks/losses.py --json benchmarks/results/losses_cpu.json
     python benchmarks/losses.py --only sigmoid mapo --seeds-per-prompt 20
     python benchmarks/losses.py --only kto --json benchmarks/results/losses_cpu.json   # updates the kto rows
+    python benchmarks/losses.py --world digits-sd3 --json benchmarks/results/losses_digits_sd3_cpu.json
+
+``--world digits-sd3`` runs the same variants on the SD3-layout world with its recipes (``recipes/digits-sd3``:
+Flow-DPO, the velocity errors), so the β-scaled hyperparameters take that recipe's β.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DPO, SFT = ROOT / "recipes/digits/lora_dpo.yaml", ROOT / "recipes/digits/sft.yaml"
+DPO, SFT = "lora_dpo", "sft"  # the recipes of the world: recipes/<world>/<name>.yaml
 VARIANTS = {
     "sigmoid": (DPO, []),
     "sigmoid + label smoothing 0.1": (DPO, ["loss.label_smoothing=0.1"]),
@@ -43,6 +47,7 @@ VARIANTS = {
 
 def main() -> None:
     from lora_dpo.world.demo import train_and_evaluate
+    from lora_dpo.world.worlds import get_world
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="recipe overrides applied to every run (section.key=value)")
@@ -50,6 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds-per-prompt", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "adapters" / "bench-losses")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--world", default="digits", help="digits (SD1.5 layout, default) or digits-sd3")
     args = parser.parse_args()
 
     rows = {}
@@ -57,8 +63,9 @@ def main() -> None:
         if args.only and name.split(" ")[0] not in args.only and name not in args.only:
             continue
         folder = re.sub(r"[^A-Za-z0-9.]+", "-", name).strip("-")  # e.g. "kto-500", "sigmoid-SDPO-0.9"
-        result, report = train_and_evaluate(recipe, [f"output.dir={args.out / folder}", *options, *args.overrides],
-                                            args.seeds_per_prompt)
+        result, report = train_and_evaluate(get_world(args.world).recipe(recipe),
+                                            [f"output.dir={args.out / args.world / folder}", *options, *args.overrides],
+                                            args.seeds_per_prompt, world=args.world)
         report["step_time_s"] = report["train_time_s"] / result.step
         report["final_train_metrics"] = result.final_metrics
         rows[name] = report

@@ -145,8 +145,12 @@ def test_demo_runs_in_its_thread_count_and_restores_it(monkeypatch, tmp_path):
     monkeypatch.setattr(demo_cli, "format_summary", lambda report: "")
     assert main(["demo", "--threads", "2", "train.max_steps=1"]) == 0
     assert main(["demo"]) == 0
-    assert calls == [{"overrides": ["train.max_steps=1"], "num_threads": 2},
-                     {"overrides": [], "num_threads": demo.DEMO_NUM_THREADS}]
+    assert main(["demo", "--world", "digits-sd3"]) == 0
+    assert calls == [{"overrides": ["train.max_steps=1"], "num_threads": 2, "world": "digits"},
+                     {"overrides": [], "num_threads": demo.DEMO_NUM_THREADS, "world": "digits"},
+                     {"overrides": [], "num_threads": demo.DEMO_NUM_THREADS, "world": "digits-sd3"}]
+    with pytest.raises(SystemExit):
+        main(["demo", "--world", "digits-xl"])
     with pytest.raises(SystemExit):
         main(["demo", "--threads", "0"])
 

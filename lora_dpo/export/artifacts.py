@@ -116,14 +116,16 @@ def card_base_model(model: str | Path) -> str:
     return model if is_hub_id(model) else os.path.abspath(os.path.expanduser(model))
 
 
-def card_prompt(caption: str | None) -> str:
+def card_prompt(caption: str | None, call_kwargs: dict[str, Any] | None = None) -> str:
     """The example line of a card's usage snippet: ``image = pipe(<caption>).images[0]`` with a caption of the run's
     own training data (a Python string literal), or, when none is known, a ``prompt`` placeholder with a comment
-    saying to use a caption like the training data's (never a stock prompt the model was not trained on)."""
+    saying to use a caption like the training data's (never a stock prompt the model was not trained on).
+    ``call_kwargs`` (e.g. ``{"max_sequence_length": 32}``) are written into the call after the prompt."""
+    extra = "".join(f", {key}={value!r}" for key, value in (call_kwargs or {}).items())
     if caption and caption.strip():
-        return f"image = pipe({json.dumps(caption.strip(), ensure_ascii=False)}).images[0]  # a training caption"
+        return f"image = pipe({json.dumps(caption.strip(), ensure_ascii=False)}{extra}).images[0]  # a training caption"
     return ('prompt = "..."  # write a caption in the style of the training data\n'
-            "image = pipe(prompt).images[0]")
+            f"image = pipe(prompt{extra}).images[0]")
 
 
 def training_caption(dataset, caption_column: str = "caption") -> str | None:
@@ -175,13 +177,14 @@ def _never_moved_warning(final_metrics: dict[str, Any]) -> str:
 
 
 def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[str, Any], data_report: dict,
-                     prompt: str | None = None) -> Path:
+                     prompt: str | None = None, call_kwargs: dict[str, Any] | None = None) -> Path:
     """A Hugging Face model card ``README.md`` for the run folder: front matter (:func:`card_front_matter`), base
     model, data, recipe, final metrics, and how to load the result. Returns its path.
 
     The usage snippet prompts with ``prompt`` (a caption the run trained on: :func:`training_caption`), else the
     data report's ``example_caption``, else a placeholder (:func:`card_prompt`). The base model is named as
-    :func:`card_base_model` gives it (a local folder: its absolute path).
+    :func:`card_base_model` gives it (a local folder: its absolute path). ``call_kwargs``: what the pipeline call
+    needs besides the prompt to sample as the model trained (:meth:`ModelFamily.usage_kwargs`).
     """
     base = card_base_model(cfg.model.pretrained_model_name_or_path)
     cls = pipeline_class(family).__name__
@@ -220,7 +223,7 @@ def write_model_card(run_dir: str | Path, cfg, family: str, final_metrics: dict[
 ```python
 from diffusers import {cls}
 {use}
-{card_prompt(prompt or data_report.get("example_caption"))}
+{card_prompt(prompt or data_report.get("example_caption"), call_kwargs)}
 ```
 {other}"""
     path = Path(run_dir) / "README.md"

@@ -3,7 +3,8 @@
 ``lora-dpo demo`` trains ``recipes/digits/lora_dpo.yaml`` on the committed digits world (``worlds/digits``: a small
 real text-to-image model, its digit-classifier scorer and AI-feedback preference pairs; see :mod:`lora_dpo.world.build`)
 and evaluates the result against the base model (``lora-dpo eval``): win rate, classifier accuracy, diversity,
-implicit-reward accuracy, a side-by-side grid and the training curves.
+implicit-reward accuracy, a side-by-side grid and the training curves. ``--world digits-sd3`` does the same with
+Flow-DPO on the SD3-layout world (``worlds/digits-sd3``, ``recipes/digits-sd3``; :mod:`lora_dpo.world.flow`).
 
 :func:`build_photo_pairs` writes preference pairs made from real photographs that ship inside scikit-image
 (``skimage/data``) and scikit-learn (``sklearn/datasets/images``): the same crop of one photograph twice, clean
@@ -31,12 +32,12 @@ from lora_dpo.feedback.prompts import load_prompts
 from lora_dpo.iterate.loop import IterateResult, iterate
 from lora_dpo.training.recipe import reset_accelerate_state, train
 from lora_dpo.training.setup import torch_threads
-from lora_dpo.world.build import WORLD_DIR
+from lora_dpo.world.worlds import DEFAULT_WORLD, WORLDS, get_world
 
 log = logging.getLogger(__name__)
 
-DIGITS_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "digits" / "lora_dpo.yaml"
-ITERATE_RECIPE = DIGITS_RECIPE.with_name("iterate.yaml")
+DIGITS_RECIPE = WORLDS["digits"].recipe("lora_dpo")
+ITERATE_RECIPE = WORLDS["digits"].recipe("iterate")
 # Torch intra-op threads for the demo (the digits world's model is small: many small ops, each too short to gain
 # from a second thread and badly slowed by one when another process shares the cores). None: torch's own default
 # (one per core). `benchmarks/demo_threads.py` measures the choice; this line is the default `lora-dpo demo` uses.
@@ -115,66 +116,71 @@ def build_photo_pairs(path: str | Path, pairs_per_photo: int = 16, size: int = 6
     return path
 
 
-def train_and_evaluate(recipe: str | Path = DIGITS_RECIPE, overrides: list[str] = (),
+def train_and_evaluate(recipe: str | Path | None = None, overrides: list[str] = (),
                        seeds_per_prompt: int = 40, num_threads: int | None = DEMO_NUM_THREADS,
-                       progress: bool = True) -> tuple[object, dict]:
-    """Train a recipe on the committed digits world, then evaluate it against the base model on held-out seeds
+                       progress: bool = True, world: str = DEFAULT_WORLD) -> tuple[object, dict]:
+    """Train a recipe on a committed digits world, then evaluate it against the base model on held-out seeds
     (10 digit prompts × ``seeds_per_prompt``) and the held-out preference pairs. Returns ``(TrainResult, report)``;
     the report is :func:`lora_dpo.evaluation.run.evaluate_run`'s plus ``train_time_s`` and ``torch_threads``.
 
     Args:
+        recipe: the recipe (default: the world's ``lora_dpo.yaml``); its model and data are the world's.
         num_threads: torch intra-op threads for training and evaluation (:func:`torch_threads`; None: torch's
             default, one per core); default :data:`DEMO_NUM_THREADS`.
         progress: the evaluation's progress bar over its comparisons.
+        world: ``digits`` (SD1.5 layout) or ``digits-sd3`` (:data:`lora_dpo.world.worlds.WORLDS`).
     Raises:
-        FileNotFoundError: the digits world is missing (rebuild it with ``lora-dpo world build``).
-        ValueError: ``num_threads`` < 1.
+        FileNotFoundError: the world is missing (the message names the command that rebuilds it).
+        ValueError: an unknown ``world``; ``num_threads`` < 1.
     """
-    if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
-        raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
+    spec = get_world(world)
+    spec.check()
     with torch_threads(num_threads) as threads:
         log.info("demo: %d torch thread(s)", threads)
-        result, report = _train_and_evaluate(recipe, overrides, seeds_per_prompt, progress)
+        result, report = _train_and_evaluate(spec, recipe or spec.recipe("lora_dpo"), overrides, seeds_per_prompt,
+                                             progress)
         report["torch_threads"] = threads
     return result, report
 
 
 def iterate_demo(rounds: int, overrides: list[str] = (), num_threads: int | None = DEMO_NUM_THREADS,
-                 progress: bool = True) -> IterateResult:
-    """``lora-dpo demo --rounds R``: ``recipes/digits/iterate.yaml`` on the committed digits world, ``rounds`` rounds of
+                 progress: bool = True, world: str = DEFAULT_WORLD) -> IterateResult:
+    """``lora-dpo demo --rounds R``: the world's ``iterate.yaml`` on a committed digits world, ``rounds`` rounds of
     online DPO (:func:`lora_dpo.iterate.loop.iterate`: best-worst pairs of 8 of the policy's own samples, each round
     against the previous one), each evaluated against the base and the previous round. Started again, it resumes
     (a finished run prints its table at once).
 
     Args:
         num_threads: torch intra-op threads for the whole run (``train.num_threads``; None: torch's default).
+        world: as :func:`train_and_evaluate`.
     Raises:
-        FileNotFoundError: the digits world is missing. ValueError: ``rounds`` < 1.
+        FileNotFoundError: the world is missing. ValueError: ``rounds`` < 1; an unknown ``world``.
     """
     if rounds < 1:
         raise ValueError(f"--rounds {rounds}: give at least 1 round")
-    if not (WORLD_DIR / "pipeline" / "model_index.json").is_file():
-        raise FileNotFoundError(f"the digits world is missing in {WORLD_DIR}; rebuild it with `lora-dpo world build`")
-    cfg = load_config(ITERATE_RECIPE, [
-        f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}", f"iterate.scorer=[{WORLD_DIR / 'scorer'}]",
-        f"iterate.heldout_pairs={WORLD_DIR / 'prefs' / 'heldout.parquet'}", f"iterate.rounds={rounds}",
+    spec = get_world(world)
+    spec.check()
+    cfg = load_config(spec.recipe("iterate"), [
+        f"model.pretrained_model_name_or_path={spec.pipeline}", f"iterate.scorer=[{spec.scorer}]",
+        f"iterate.heldout_pairs={spec.prefs('heldout')}", f"iterate.rounds={rounds}",
         f"train.num_threads={'null' if num_threads is None else num_threads}", *overrides])
     return iterate(cfg, progress=progress)
 
 
-def _train_and_evaluate(recipe: str | Path, overrides: list[str], seeds_per_prompt: int,
+def _train_and_evaluate(world, recipe: str | Path, overrides: list[str], seeds_per_prompt: int,
                         progress: bool) -> tuple[object, dict]:
-    """:func:`train_and_evaluate`'s work, in the thread count it set."""
-    cfg = load_config(recipe, [f"model.pretrained_model_name_or_path={WORLD_DIR / 'pipeline'}",
-                               f"data.dataset={WORLD_DIR / 'prefs' / 'train.parquet'}", *overrides])
+    """:func:`train_and_evaluate`'s work on ``world`` (a :class:`~lora_dpo.world.worlds.World`), in the thread
+    count it set."""
+    cfg = load_config(recipe, [f"model.pretrained_model_name_or_path={world.pipeline}",
+                               f"data.dataset={world.prefs('train')}", *overrides])
     started = time.perf_counter()
     result = train(cfg)
     train_time_s = time.perf_counter() - started
     reset_accelerate_state()  # a later train() in this process starts afresh
     log.info("evaluating %s against the base model", result.run_dir)
     report = evaluate_run(
-        result.run_dir, scorer_spec=str(WORLD_DIR / "scorer"), prompts=load_prompts("digits"),
-        seeds_per_prompt=seeds_per_prompt, heldout_pairs=str(WORLD_DIR / "prefs" / "heldout.parquet"),
+        result.run_dir, scorer_spec=str(world.scorer), prompts=load_prompts("digits"),
+        seeds_per_prompt=seeds_per_prompt, heldout_pairs=str(world.prefs("heldout")),
         implicit_draws=DEMO_IMPLICIT_DRAWS, progress=progress,
     )
     report["train_time_s"] = train_time_s

@@ -181,6 +181,12 @@ class ModelFamily(ABC):
         length (:meth:`~lora_dpo.models.families.rectified_flow.RectifiedFlowFamily.sampling_kwargs`)."""
         return {}
 
+    def usage_kwargs(self, components: Components) -> dict[str, Any]:
+        """The keyword arguments a plain diffusers call of this model needs to sample as the kit trained it (shown
+        in the model card's usage line): none for the UNet families; the flow families' T5 length where it is not
+        the pipeline's default."""
+        return {}
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Extra keyword arguments of every pipeline the kit opens for sampling and scoring (``from_pretrained``)
         or builds (:meth:`build_tiny_pipeline`): SD1.5 leaves out its safety checker. None by default."""

@@ -78,6 +78,14 @@ class RectifiedFlowFamily(ModelFamily):
         limit = getattr(t5_tokenizer, "model_max_length", None)
         return min(self.max_sequence_length, int(limit)) if limit else self.max_sequence_length
 
+    def usage_kwargs(self, components: Components) -> dict[str, Any]:
+        """``{"max_sequence_length": n}`` where the model's T5 length differs from its pipeline's default (a plain
+        ``pipe(prompt)`` would sample on another length than the model trained on); else none."""
+        names = [tokenizer_name for tokenizer_name, _, _ in self.text_parts]
+        tokenizers = dict(zip(names, components.tokenizers))
+        n = self.sequence_length(tokenizers.get(self.t5_tokenizer_name))
+        return {"max_sequence_length": n} if n != self.max_sequence_length else {}
+
     def sampling_kwargs(self, pipe) -> dict[str, Any]:
         """``{"max_sequence_length": n}``: the T5 length :meth:`sequence_length` gives for the pipeline's T5
         tokenizer, which the diffusers pipelines otherwise set to their default whatever the model was trained on."""
