@@ -94,6 +94,17 @@ def print_table(results: list[dict]) -> dict[str, bool]:
     return targets
 
 
+def merge_by_seed(results: list[dict]) -> list[dict]:
+    """One result per train seed: the runs of files of the same seed (e.g. a ``--only dpo`` file and a
+    ``--only sft`` file) joined, in the order the seeds first appear."""
+    merged: dict = {}
+    for result in results:
+        seed = result.get("train_seed", f"file {len(merged)}")  # older files carry no seed: each stands alone
+        entry = merged.setdefault(seed, {**result, "reports": {}})
+        entry["reports"].update(result["reports"])
+    return list(merged.values())
+
+
 def _train_seed(overrides: list[str]) -> int:
     seeds = [int(o.split("=", 1)[1]) for o in overrides if o.startswith("train.seed=")]
     return seeds[-1] if seeds else 0  # the recipes' seed
@@ -110,7 +121,7 @@ def main() -> None:
     parser.add_argument("--table", type=Path, nargs="+", help="print saved --json results (one per train seed)")
     args = parser.parse_args()
     if args.table:
-        print_table([json.loads(path.read_text()) for path in args.table])
+        print_table(merge_by_seed([json.loads(path.read_text()) for path in args.table]))
         return
 
     reports = {name: run(name, args.overrides, args) for name in RUNS if args.only in (None, name)}
