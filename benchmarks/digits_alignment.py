@@ -54,7 +54,10 @@ def _row(name: str, seed, r: dict) -> str:
 
 
 def _targets(by_seed: list[dict]) -> dict[str, bool]:
-    """The issue's targets over the train seeds: the means for DPO against the base, every seed for DPO vs SFT."""
+    """The issue's targets over the train seeds: the means for DPO against the base, every seed for DPO vs SFT.
+    None without DPO runs (an ``--only sft`` result)."""
+    if not all("dpo" in r for r in by_seed):
+        return {}
     dpo = [r["dpo"] for r in by_seed]
     mean = {k: sum(r[k] for r in dpo) / len(dpo) for k in ("win_rate", "accuracy_delta_points", "diversity_ratio")}
     implicit = [(r.get("implicit_reward") or {}).get("accuracy", 0.0) for r in dpo]

@@ -18,6 +18,9 @@ A world folder (default ``worlds/digits/``, committed to the repository so the d
     scorer/      classifier.safetensors + classifier.json
     prefs/       train.parquet, heldout.parquet (Pick-a-Pic schema, PNG images)
     world.json   settings, costs, sizes, and how well the base model does
+
+:func:`build_digits_world` is the build both worlds share (scorer, VAE, denoiser stage, measurement, preference
+sets, world.json); the SD3-layout world (:mod:`lora_dpo.world.flow`) gives it its own denoiser stage.
 """
 
 from __future__ import annotations
