@@ -128,7 +128,7 @@ def test_fp16_and_8bit_adamw_without_a_gpu(tiny_sd15, photo_pairs, tmp_path, cap
 
 @pytest.mark.parametrize("recipe", SHIPPED, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_recipe_validates_as_a_short_run(recipe, request, photo_pairs, capsys):
-    folder = {"sdxl": "sdxl", "sd35": "sd3", "flux": "flux"}.get(recipe.parent.name, "sd15")
+    folder = {"sdxl": "sdxl", "sd35": "sd3", "digits-sd3": "sd3", "flux": "flux"}.get(recipe.parent.name, "sd15")
     model = request.getfixturevalue(f"tiny_{folder}")
     code = main(["validate", str(recipe), "train.max_steps=2", f"model.pretrained_model_name_or_path={model}",
                  f"data.dataset={photo_pairs}", "data.resolution=32", "train.mixed_precision=no"])

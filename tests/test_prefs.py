@@ -54,6 +54,9 @@ class TieOnPrompt:
 class FakePipe:
     """Stands in for a diffusers pipeline: each image is drawn from its own generator only (exact arithmetic)."""
 
+    # an SD1.5 pipeline's components, as ``pipe.config`` lists them (the kit reads the family from them)
+    config = {"unet": ["diffusers", "UNet2DConditionModel"], "text_encoder": ["transformers", "CLIPTextModel"]}
+
     def __init__(self) -> None:
         self.calls: list[int] = []
 
