@@ -43,6 +43,12 @@ def test_committed_world_opens_with_diffusers_and_the_kit():
     assert comps.model_family.sampling_kwargs(pipe) == {"max_sequence_length": 32}
     text = comps.model_family.encode_prompts(comps, [digit_caption(3)])
     assert text["encoder_hidden_states"].shape[1] == pipe.tokenizer.model_max_length + 32
+    # the model card's usage line says so, also for a run from the latent cache (no tokenizers loaded)
+    model_cfg = ModelConfig(pretrained_model_name_or_path=str(WORLD.pipeline))
+    bare = load_components(model_cfg, torch.float32, encoders=False)
+    assert not bare.tokenizers
+    for loaded in (comps, bare):
+        assert comps.model_family.usage_kwargs(loaded, model_cfg) == {"max_sequence_length": 32}
 
 
 def test_world_is_small_and_imperfect():

@@ -420,7 +420,7 @@ class PreferenceRecipe:
             result.adapter_path = export_policy(self.policy, self.run_dir, self.cfg, family, full_state)
             write_model_card(self.run_dir, self.cfg, family, self.final, data_report,
                              prompt=training_caption(self.dataset, self.cfg.data.caption_column),
-                             call_kwargs=self.components.model_family.usage_kwargs(self.components))
+                             call_kwargs=self.components.model_family.usage_kwargs(self.components, self.cfg.model))
         self.accelerator.wait_for_everyone()
         return result
 

@@ -181,7 +181,7 @@ class ModelFamily(ABC):
         length (:meth:`~lora_dpo.models.families.rectified_flow.RectifiedFlowFamily.sampling_kwargs`)."""
         return {}
 
-    def usage_kwargs(self, components: Components) -> dict[str, Any]:
+    def usage_kwargs(self, components: Components, model_cfg) -> dict[str, Any]:
         """The keyword arguments a plain diffusers call of this model needs to sample as the kit trained it (shown
         in the model card's usage line): none for the UNet families; the flow families' T5 length where it is not
         the pipeline's default."""

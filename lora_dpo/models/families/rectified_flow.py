@@ -78,12 +78,16 @@ class RectifiedFlowFamily(ModelFamily):
         limit = getattr(t5_tokenizer, "model_max_length", None)
         return min(self.max_sequence_length, int(limit)) if limit else self.max_sequence_length
 
-    def usage_kwargs(self, components: Components) -> dict[str, Any]:
+    def usage_kwargs(self, components: Components, model_cfg) -> dict[str, Any]:
         """``{"max_sequence_length": n}`` where the model's T5 length differs from its pipeline's default (a plain
-        ``pipe(prompt)`` would sample on another length than the model trained on); else none."""
+        ``pipe(prompt)`` would sample on another length than the model trained on); else none. The T5 tokenizer is
+        the loaded one, or (a run from the latent cache loads none) read from ``model_cfg``'s model."""
         names = [tokenizer_name for tokenizer_name, _, _ in self.text_parts]
-        tokenizers = dict(zip(names, components.tokenizers))
-        n = self.sequence_length(tokenizers.get(self.t5_tokenizer_name))
+        tokenizer = dict(zip(names, components.tokenizers)).get(self.t5_tokenizer_name)
+        if tokenizer is None and self.t5_tokenizer_name in components.model_index:
+            tokenizer = AutoTokenizer.from_pretrained(model_cfg.pretrained_model_name_or_path,
+                                                      subfolder=self.t5_tokenizer_name, revision=model_cfg.revision)
+        n = self.sequence_length(tokenizer)
         return {"max_sequence_length": n} if n != self.max_sequence_length else {}
 
     def sampling_kwargs(self, pipe) -> dict[str, Any]:
