@@ -41,6 +41,7 @@ from lora_dpo.models.families.flow_matching import (
 )
 from lora_dpo.models.tiny_flow import sd3_text_components
 from lora_dpo.world.build import (
+    REPO_DIR,
     CommonWorldConfig,
     build_digits_world,
     latent_posterior,
@@ -48,7 +49,7 @@ from lora_dpo.world.build import (
     train_denoiser,
 )
 
-FLOW_WORLD_DIR = Path(__file__).resolve().parents[2] / "worlds" / "digits-sd3"
+FLOW_WORLD_DIR = REPO_DIR / "worlds" / "digits-sd3"
 
 
 @dataclass

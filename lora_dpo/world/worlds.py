@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_dpo.world.build import WORLD_DIR
+from lora_dpo.world.build import REPO_DIR, WORLD_DIR
 from lora_dpo.world.flow import FLOW_WORLD_DIR
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = REPO_DIR / "recipes"
 
 
 @dataclass(frozen=True)
